@@ -1,0 +1,15 @@
+# Quick start:  make demo   (set up, then run the main job on built-in data)
+#               make test   (set up, then run the test suite)
+.PHONY: setup demo test bench
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/mlla models
+
+test: setup
+	.venv/bin/python -m pytest -n 2 --durations=15 -q
+
+bench: setup
+	.venv/bin/python benchmarks/run_all.py

@@ -1,0 +1,1 @@
+"""Subcommands of the ``mlla`` command, one module each (see :mod:`mlla.cli`)."""

@@ -1,0 +1,70 @@
+"""Two-dimensional rotary position embedding (RoPE), real-valued.
+
+For an ``H x W`` grid and ``C`` channels, ``m = C / 4`` frequencies
+``theta_j = base ** (-j / m)`` are used. Token ``(r, c)`` gets ``C / 2`` angles:
+``[r * theta_0 .. r * theta_{m-1}, c * theta_0 .. c * theta_{m-1}]``, and angle ``p`` rotates
+the channel pair ``(2p, 2p + 1)``: ``(a, b) -> (a cos - b sin, a sin + b cos)``.
+
+The tables are computed in float32 for the actual grid (any ``H``, ``W``), without complex
+numbers, so the rotation exports to ONNX and compiles without graph breaks.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["rope_2d_tables", "apply_rope_2d"]
+
+
+def rope_2d_tables(
+    height: int,
+    width: int,
+    dim: int,
+    *,
+    base: float = 10000.0,
+    repeats: int = 1,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine and signed-sine tables for :func:`apply_rope_2d`.
+
+    Args:
+        height, width: token grid size.
+        dim: channels ``C`` to rotate (a multiple of 4).
+        base: frequency base.
+        repeats: tile the tables ``repeats`` times along channels, to rotate several tensors
+            concatenated on the channel axis (e.g. ``[q, k]``) in one call.
+        device: device of the tables.
+
+    Returns:
+        ``(cos, sin)``, each float32 of shape ``(H, W, repeats * C)``. ``cos`` holds each cosine
+        twice (for both members of a pair); ``sin`` holds ``-sin`` at even and ``+sin`` at odd
+        channels, so that the rotation is ``x * cos + swap_pairs(x) * sin``.
+    """
+    if dim % 4:
+        raise ValueError(f"RoPE-2d needs a channel count divisible by 4, got {dim}")
+    num_freqs = dim // 4
+    theta = base ** (-torch.arange(num_freqs, device=device, dtype=torch.float32) / num_freqs)
+    rows = torch.arange(height, device=device, dtype=torch.float32)
+    cols = torch.arange(width, device=device, dtype=torch.float32)
+    row_angles = (rows[:, None] * theta[None, :])[:, None, :].expand(height, width, num_freqs)
+    col_angles = (cols[:, None] * theta[None, :])[None, :, :].expand(height, width, num_freqs)
+    angles = torch.cat([row_angles, col_angles], dim=-1)  # (H, W, C/2)
+    cos = angles.cos().repeat_interleave(2, dim=-1)  # (H, W, C)
+    sin = torch.stack([-angles.sin(), angles.sin()], dim=-1).flatten(-2)  # (H, W, C)
+    if repeats > 1:
+        cos, sin = cos.repeat(1, 1, repeats), sin.repeat(1, 1, repeats)
+    return cos, sin
+
+
+def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs of ``x`` by the angles of its grid position.
+
+    Args:
+        x: ``(B, H, W, C)`` (any dtype; the rotation runs in float32).
+        cos, sin: tables of shape ``(H, W, C)`` from :func:`rope_2d_tables`.
+
+    Returns:
+        Rotated tensor, shape and dtype of ``x``.
+    """
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (a, b) -> (b, a)
+    return (xf * cos + swapped * sin).to(x.dtype)
