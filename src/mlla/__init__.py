@@ -3,7 +3,7 @@
 ``import mlla`` registers ``mlla_tiny``, ``mlla_small``, ``mlla_base``, ``test_mlla`` and the
 paper's ablation models in timm's registry.
 """
-from . import models
+from . import cli, models
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_state_dict
 from .models import MLLA, PAPER_RESULTS, checkpoint_filter_fn, create_model, list_models
 

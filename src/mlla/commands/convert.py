@@ -1,0 +1,60 @@
+"""``mlla convert IN OUT.safetensors``: the authors' checkpoint layout to ours."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+
+from ..checkpoint import read_checkpoint, save_state_dict
+from ..models.mlla import checkpoint_filter_fn
+
+_logger = logging.getLogger(__name__)
+_SIZES = {"mlla_tiny": (64, (2, 4, 8, 4)), "mlla_small": (64, (3, 6, 21, 6)), "mlla_base": (96, (3, 6, 21, 6))}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert an MLLA checkpoint (authors' .pth, backbone or mmdet layout) to this package's .safetensors",
+    )
+    p.add_argument("input", help="checkpoint to read (.pth/.pt/.safetensors)")
+    p.add_argument("output", help="file to write (.safetensors)")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow Python objects in a .pth (the authors' files carry their config object); only for trusted files",
+    )
+    p.set_defaults(func=run)
+
+
+def describe_mlla_state_dict(state_dict: dict) -> dict:
+    """Size of the MLLA model a state dict (our layout) is for: embed_dim, depths, classes, mode."""
+    if "stem.proj.conv.weight" not in state_dict:
+        raise ValueError("not an MLLA checkpoint: no stem weights (stem.proj / patch_embed.conv3) found")
+    depths: dict[int, set[int]] = {}
+    for k in state_dict:
+        m = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", k)
+        if m:
+            depths.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    info = dict(
+        embed_dim=int(state_dict["stem.proj.conv.weight"].shape[0]),
+        depths=[len(depths[i]) for i in sorted(depths)],
+        layout="backbone" if any(k.startswith("stage_norms.") for k in state_dict) else "classification",
+    )
+    if "head.fc.weight" in state_dict:
+        info["num_classes"] = int(state_dict["head.fc.weight"].shape[0])
+    info["model"] = next(
+        (name for name, (dim, d) in _SIZES.items() if dim == info["embed_dim"] and tuple(info["depths"]) == d), "custom"
+    )
+    return info
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.output.endswith(".safetensors"):
+        raise ValueError(f"output must end in .safetensors, got {args.output!r}")
+    state_dict = checkpoint_filter_fn(read_checkpoint(args.input, trust_pickle=args.trust_pickle))
+    info = describe_mlla_state_dict(state_dict)
+    save_state_dict(state_dict, args.output, metadata={"mlla": json.dumps(info)})
+    print(f"wrote {args.output}: {len(state_dict)} tensors, {json.dumps(info)}")
+    return 0
