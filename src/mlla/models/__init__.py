@@ -1,4 +1,5 @@
 """Model families, registered in timm's registry on import."""
+from . import ablation
 from .mlla import MLLA, MllaStage, checkpoint_filter_fn
 from .registry import PAPER_RESULTS, create_model, list_models
 
