@@ -25,6 +25,12 @@ def reference_case(name: str) -> dict:
     return dict(state_dict=state_dict, input=tensors["input"], outputs=outputs, config=config, kind=info["kind"])
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per xdist worker: the workers already fill the cores, and
+    # oversubscribed threads make small models many times slower.
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
