@@ -3,14 +3,16 @@
 Modes (forward pass, ``B x N`` tokens, ``C`` channels in ``H`` heads, float32):
 
 * ``parallel``: non-causal linear attention (no forget gate), ``q (k^T v)``;
-* ``chunked``: causal with a forget gate, one decay per head (chunks of 64);
-* ``chunked-key``: causal with a forget gate per key channel (chunks of 16), as the
+* ``chunked``: causal with a forget gate, one decay per head (default chunk size);
+* ``chunked-key``: causal with a forget gate per key channel (default chunk size), as the
   ``ablation_forget_gate`` model and Mamba;
 * ``recurrent``: the token-by-token recurrence (forget gate per head), the reference.
 
 Peak memory is the most bytes held by tensors created during the call: CUDA's allocator statistics
-on a GPU, on the CPU a dispatch-mode count of live tensor storages. Writes ``ops_modes.csv`` and
-``ops_modes.png`` to ``--out`` and prints a table::
+on a GPU, on the CPU a dispatch-mode count of live tensor storages. ``--cpu-time`` times with
+the process's CPU clock instead of the wall clock: on a shared machine other jobs then do not
+count (use it with ``--threads 1``). Writes ``ops_modes.csv`` and ``ops_modes.png`` to ``--out``
+and prints a table::
 
     .venv/bin/python benchmarks/ops_modes.py --out benchmarks/results/ops_modes
 """
@@ -76,18 +78,20 @@ def make_call(mode: str, batch: int, tokens: int, dim: int, heads: int, device: 
     return lambda: gated_linear_attention(q, k, v, kernel="elu+1", log_forget=log_f, causal=True, mode=op_mode)
 
 
-def measure(call: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> tuple[float, float]:
-    """Median wall time (ms) and peak memory (MiB) of ``call`` without autograd."""
+def measure(
+    call: Callable[[], torch.Tensor], device: torch.device, repeats: int, clock: Callable[[], float] = time.perf_counter
+) -> tuple[float, float]:
+    """Median time (ms, by ``clock``) and peak memory (MiB) of ``call`` without autograd."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     with torch.no_grad():
         call()  # warm-up
         for _ in range(repeats):
             sync()
-            start = time.perf_counter()
+            start = clock()
             call()
             sync()
-            times.append((time.perf_counter() - start) * 1e3)
+            times.append((clock() - start) * 1e3)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -136,17 +140,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recurrent-max-side", type=int, default=128, help="largest grid side for the slow recurrence")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
+    p.add_argument("--cpu-time", action="store_true", help="time with the process CPU clock, not the wall clock")
     args = p.parse_args(argv)
     if args.dim % args.heads:
         raise SystemExit(f"--dim {args.dim} must be divisible by --heads {args.heads}")
+    if args.cpu_time and args.device != "cpu":
+        raise SystemExit("--cpu-time measures CPU work; use it with --device cpu")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     torch.manual_seed(0)
 
     points = [(s, m) for s in args.sides for m in args.modes if m != "recurrent" or s <= args.recurrent_max_side]
     rows = []
     for side, mode in tqdm(points, desc="ops modes", unit="point"):
         tokens = side * side
-        t, mem = measure(make_call(mode, args.batch, tokens, args.dim, args.heads, device), device, args.repeats)
+        t, mem = measure(make_call(mode, args.batch, tokens, args.dim, args.heads, device), device, args.repeats, clock)
         rows.append(dict(mode=mode, side=side, tokens=tokens, time_ms=round(t, 3), peak_mib=round(mem, 2),
                          peak_bytes_per_token=round(mem * 2**20 / tokens / args.batch, 1)))
     recurrent = {r["side"]: r["time_ms"] for r in rows if r["mode"] == "recurrent"}
@@ -163,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             writer.writerows(rows)
 
     atomic_save(write_csv, csv_path)
-    title = f"gated linear attention modes: B={args.batch}, C={args.dim}, {args.heads} heads, {device.type}"
+    where = f"{device.type}, {torch.get_num_threads()} threads" if device.type == "cpu" else device.type
+    timing = "CPU time" if args.cpu_time else "wall time"
+    title = f"gated linear attention modes: B={args.batch}, C={args.dim}, {args.heads} heads, {where}, {timing}"
     plot(rows, args.out / "ops_modes.png", title)
 
     print(title)

@@ -102,6 +102,7 @@ def test_atomic_save_leaves_no_partial_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_save(crash_midway, target)
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temp file left
+    assert target.stat().st_mode & 0o044  # readable by others, like any written file
     assert torch.equal(read_checkpoint(target)["w"], torch.ones(3))  # old file intact
 
 

@@ -1,11 +1,14 @@
 """The unified gated linear attention operator: its three modes agree with the references."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mlla.ops import gated_linear_attention, rope_2d_tables
+import mlla.ops.linear_attention as linear_attention
+from mlla.ops import feature_map, gated_linear_attention, rope_2d_tables
 from mlla.ops.naive import linear_attention_quadratic
 from mlla.ops.rope import apply_rope_2d
 
@@ -61,6 +64,56 @@ def test_chunked_is_stable_under_strong_decay():
     y = gated_linear_attention(q, k, v, mode="chunked", chunk_size=64, **kw)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y, gated_linear_attention(q, k, v, mode="recurrent", **kw), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("decay", ["head", "key"])
+@pytest.mark.parametrize("strong", [-30.0, -400.0])  # beyond float32's factorisation limit; -400 also float64's
+def test_chunked_mixes_factorised_and_log_space_chunks(dtype, decay, strong, monkeypatch):
+    """Chunks whose total decay would overflow the factorised form take the log-space form; the
+    others stay factorised; together they still equal the recurrence (values and final state)."""
+    q, k, v, log_f = _inputs(N=45, dtype=dtype, decay=decay)
+    log_f = log_f / 6  # weak: at most 0.5 per token, 4 per chunk of 8
+    log_f[0, 9:11] = strong  # two strong tokens in the second chunk of batch 0
+    log_f[1, 40:42, 1] = strong  # two in the last (padded) chunk of batch 1, head 1
+    exact_rows = []
+    exact = linear_attention._intra_chunk_exact
+    monkeypatch.setattr(linear_attention, "_intra_chunk_exact", lambda q, *a: exact_rows.append(len(q)) or exact(q, *a))
+    kw = dict(kernel="elu+1", log_forget=log_f, causal=True)
+    y, s = gated_linear_attention(q, k, v, mode="chunked", chunk_size=8, return_state=True, **kw)
+    y_ref, s_ref = gated_linear_attention(q, k, v, mode="recurrent", return_state=True, **kw)
+    if -2 * strong > math.log(torch.finfo(dtype).max) / 2:  # the documented limit of the factorised form
+        assert 0 < sum(exact_rows) < 2 * 3 * 6  # some of the batch x heads x chunks rows, not all
+    else:
+        assert not exact_rows
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y_ref, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(s, s_ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("decay", ["head", "key"])
+def test_chunked_gradients_under_strong_decay(decay):
+    q, k, v, log_f = _inputs(N=21, H=2, K=3, V=2, decay=decay)
+    log_f = log_f / 6
+    log_f[:, 5:7] = -400.0  # the second chunk of 4 takes the log-space form
+    q, k, v, log_f = (t.requires_grad_() for t in (q, k, v, log_f))
+    weights = torch.randn(2, 21, 2, 2, dtype=q.dtype)
+    grads = []
+    for mode in ("chunked", "recurrent"):
+        y = gated_linear_attention(q, k, v, kernel="elu+1", log_forget=log_f, causal=True, mode=mode, chunk_size=4)
+        grads.append(torch.autograd.grad((y * weights).sum(), (q, k, v, log_f)))
+    for g_chunked, g_ref in zip(*grads):
+        assert torch.isfinite(g_chunked).all()
+        torch.testing.assert_close(g_chunked, g_ref, atol=1e-8, rtol=1e-7)
+
+
+def test_elu_plus_one_kernel_equals_elu():
+    x = torch.tensor([-1e4, -100.0, -3.0, -1e-9, 0.0, 1e-9, 2.0, 100.0, 1e30], dtype=torch.float64, requires_grad=True)
+    y = feature_map("elu+1")(x)
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = F.elu(x_ref) + 1
+    torch.testing.assert_close(y, y_ref, rtol=1e-14, atol=1e-15)  # F.elu + 1 rounds exp(-100) to 0
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(y_ref.sum(), x_ref)[0])
 
 
 def test_causal_without_gates_equals_cumulative_sums():
