@@ -6,7 +6,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/mlla models
+	.venv/bin/mlla train --preset demo --output runs/demo --resume auto
 
 test: setup
 	.venv/bin/python -m pytest -n 2 --durations=15 -q

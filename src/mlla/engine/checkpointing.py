@@ -1,0 +1,89 @@
+"""Training checkpoints: everything needed to continue a run bit for bit, written atomically.
+
+A checkpoint is a ``.pth`` dict readable with ``torch.load(weights_only=True)`` (tensors and
+plain Python values only): ``model``, ``model_ema``, ``optimizer``, ``scheduler``, ``scaler``,
+``epoch`` and ``step_in_epoch`` (where to continue), ``global_step``, ``best``, ``meters`` (the
+partial epoch's sums), ``rng`` (python, numpy, torch, CUDA), ``config``, ``class_to_idx``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, atomic_save, load_checkpoint, read_checkpoint
+from ..models import checkpoint_filter_fn
+
+__all__ = ["capture_rng", "find_resume", "load_model_weights", "restore_rng", "save_checkpoint"]
+
+_logger = logging.getLogger(__name__)
+
+
+def capture_rng() -> dict[str, Any]:
+    """The state of python's, numpy's, torch's (and CUDA's) global generators, as tensors/ints."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = dict(
+        python=random.getstate(),
+        numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=pos, has_gauss=has_gauss, gauss=gauss),
+        torch=torch.get_rng_state(),
+    )
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Undo :func:`capture_rng`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Atomically write ``state`` (temp file, fsync, rename)."""
+    return atomic_save(lambda tmp: torch.save(state, tmp), path)
+
+
+def find_resume(resume: str | None, output: Path) -> Path | None:
+    """The checkpoint to continue from: ``'auto'`` -> ``output/last.pth`` if present."""
+    if not resume:
+        return None
+    if resume == "auto":
+        last = output / "last.pth"
+        return last if last.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+    return path
+
+
+def load_model_weights(model: nn.Module, path: str | os.PathLike, *, use_ema: bool = False) -> dict[str, Any]:
+    """Load a model's weights from ``path`` (ours, the authors' layout or a bare state dict)
+    with :func:`mlla.load_checkpoint`; ``use_ema`` takes the EMA weights of a training checkpoint.
+
+    Returns the file's entries other than weights (e.g. ``class_to_idx``, ``epoch``). Raises
+    :class:`~mlla.CheckpointError` when the weights do not fit (e.g. another number of classes).
+    """
+    ckpt = read_checkpoint(path)
+    extras = {k: v for k, v in ckpt.items() if not isinstance(v, (dict, torch.Tensor)) or k in ("class_to_idx", "best")}
+    if not use_ema:
+        load_checkpoint(model, path)
+        return extras
+    ema = ckpt.get("model_ema")
+    if not isinstance(ema, dict):
+        raise CheckpointError(f"{path} holds no EMA weights; drop --use-ema")
+    try:
+        model.load_state_dict(checkpoint_filter_fn(ema, model))
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: EMA weights do not fit the model: {str(e).splitlines()[0]}") from e
+    return extras

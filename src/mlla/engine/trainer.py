@@ -1,0 +1,446 @@
+"""The training loop: the paper's recipe (SPEC section 4) on one process or many, resumable.
+
+Per step: Mixup/CutMix -> forward under autocast -> loss (+ MESA against the EMA model) ->
+all processes agree the loss is finite and whether to stop -> backward, gradient clipping,
+AdamW step -> per-step warm-up + cosine learning rate -> EMA update. Per epoch: raw and EMA
+validation, a metrics row, ``last.pth`` (and ``best.pth``). SIGTERM/SIGINT finish the current
+step, save ``last.pth`` and return; ``--resume auto`` continues bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+
+import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..checkpoint import CheckpointError, load_checkpoint, read_checkpoint
+from ..data import ImageFolderDataset, build_loader, build_transform, find_split, make_demo_dataset
+from ..models import create_model
+from .checkpointing import capture_rng, find_resume, restore_rng, save_checkpoint
+from .config import TrainConfig, save_yaml
+from .distributed import DistEnv, all_reduce_sum, convert_sync_batchnorm, destroy_distributed, init_distributed
+from .evaluate import evaluate
+from .metrics import MetricsLog, plot_metrics
+
+__all__ = ["Trainer", "fit"]
+
+_logger = logging.getLogger(__name__)
+
+
+def fit(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train as ``cfg`` says (joining ``torchrun``'s process group if there is one).
+
+    ``on_step(global_step)`` is called after every optimizer step. Returns a summary:
+    ``status`` ('finished' or 'interrupted'), ``output``, ``epoch`` (epochs done), ``best``
+    (``score``: the best raw or EMA top-1, or minus the training loss without validation, and
+    its ``epoch``) and ``last`` (the last metrics row). Raises RuntimeError on a non-finite loss (the last good checkpoint is kept).
+    """
+    env = init_distributed(cfg.device)
+    try:
+        return Trainer(cfg, env, on_step=on_step).run()
+    finally:
+        destroy_distributed()
+
+
+class _StopOnSignal:
+    """Turns the first SIGTERM/SIGINT into a stop request; a second one aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        self.requested = True
+        _logger.warning("%s received: saving a checkpoint after this step (send it again to abort)", signal.Signals(signum).name)
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Builds data, model, EMA, optimizer and schedule from ``cfg`` and runs the epochs."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv = DistEnv(), *, on_step: Callable[[int], None] | None = None) -> None:
+        if not cfg.model:
+            raise ValueError("no model given: pass --model NAME (see `mlla models`) or a --preset")
+        self.cfg, self.env, self.on_step = cfg, env, on_step
+        self.output = Path(cfg.output or Path("runs") / cfg.model)
+        self.resume_from = find_resume(cfg.resume, self.output)
+        if self.resume_from is None and (self.output / "last.pth").is_file():
+            raise ValueError(
+                f"{self.output} already holds a run (last.pth); continue it with --resume auto or choose another --output"
+            )
+        if env.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+        self.stop = _StopOnSignal()
+        self._seed_everything(cfg.seed)
+        self._build_data()
+        self._build_model()
+        self._build_optimization()
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best: dict[str, float] = {}
+        self.meters = torch.zeros(3, dtype=torch.float64)  # loss sum, steps, skipped images
+        rng = self._resume() if self.resume_from else None
+        if env.is_main:
+            save_yaml(cfg, self.output / "config.yaml")
+            self.metrics = MetricsLog(self.output, start_epoch=self.epoch, tensorboard=cfg.tensorboard)
+        if rng is not None:
+            restore_rng(rng)
+
+    # ----------------------------------------------------------------------------- setup
+    @staticmethod
+    def _seed_everything(seed: int) -> None:
+        import random
+
+        import numpy as np
+
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _barrier(self) -> None:
+        if self.env.distributed:
+            torch.distributed.barrier()
+
+    def _build_data(self) -> None:
+        cfg, env = self.cfg, self.env
+        root = cfg.data_dir
+        if root is None:
+            root = self.output / "demo_data"
+            if env.is_main:
+                _logger.info("no --data-dir: using the generated demo dataset in %s", root)
+                make_demo_dataset(root, progress=cfg.progress)
+            self._barrier()
+        self.data_dir = Path(root)
+        transform_args = dict(img_size=cfg.img_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+        # Transforms need the model's mean/std: build them from a meta-device copy's config.
+        with torch.device("meta"):
+            probe = create_model(cfg.model, num_classes=0, **cfg.model_kwargs)
+        train_tf = build_transform(
+            probe, is_training=True, no_aug=cfg.no_aug, scale=cfg.scale, hflip=cfg.hflip, aa=cfg.aa,
+            color_jitter=cfg.color_jitter, reprob=cfg.reprob, remode=cfg.remode, **transform_args,
+        )
+        self.train_set = ImageFolderDataset(find_split(self.data_dir, cfg.train_split), train_tf, replace_bad=True, seed=cfg.seed)
+        self.class_to_idx = self.train_set.class_to_idx
+        self.num_classes = len(self.class_to_idx)
+        if cfg.num_classes is not None and cfg.num_classes != self.num_classes:
+            raise ValueError(
+                f"--num-classes {cfg.num_classes} but {self.train_set.root} has {self.num_classes} class folders"
+            )
+        try:
+            val_root = find_split(self.data_dir, cfg.val_split)
+        except FileNotFoundError as e:
+            _logger.warning("%s: training without validation (best.pth follows the training loss)", e)
+            self.val_set = None
+        else:
+            val_tf = build_transform(probe, is_training=False, **transform_args)
+            self.val_set = ImageFolderDataset(val_root, val_tf, class_to_idx=self.class_to_idx)
+        global_batch = cfg.batch_size * env.world_size
+        if len(self.train_set) < global_batch:
+            raise ValueError(
+                f"{self.train_set.root} has {len(self.train_set)} images, fewer than one batch of {global_batch} "
+                f"({cfg.batch_size} x {env.world_size} processes); lower --batch-size"
+            )
+        loader_args = dict(workers=cfg.workers, seed=cfg.seed, rank=env.rank, world_size=env.world_size, pin_memory=env.device.type == "cuda")
+        self.train_loader = build_loader(self.train_set, cfg.batch_size, is_training=True, **loader_args)
+        self.val_loader = None
+        if self.val_set is not None:
+            self.val_loader = build_loader(self.val_set, cfg.batch_size, is_training=False, **loader_args)
+
+    def _build_model(self) -> None:
+        cfg, env = self.cfg, self.env
+        kwargs = dict(cfg.model_kwargs, num_classes=self.num_classes)
+        if cfg.drop_path is not None:
+            kwargs["drop_path_rate"] = cfg.drop_path
+        model = create_model(cfg.model, **kwargs)
+        if cfg.initial_checkpoint:
+            load_checkpoint(model, cfg.initial_checkpoint, allow_head_mismatch=True)
+            _logger.info("initial weights from %s", cfg.initial_checkpoint)
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        if cfg.sync_bn and env.distributed:
+            model = convert_sync_batchnorm(model, env.device)
+        model.to(env.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model  # the bare model: saved, evaluated, averaged into the EMA
+        global_batch = cfg.batch_size * env.world_size
+        self.ema = ModelEmaV3(model, decay=cfg.ema_decay(global_batch)) if cfg.model_ema else None
+        self.ddp_model = (
+            DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            if env.distributed else model
+        )
+
+    def _build_optimization(self) -> None:
+        cfg, env = self.cfg, self.env
+        global_batch = cfg.batch_size * env.world_size
+        self.lr, warmup_lr, min_lr = cfg.scaled_lrs(global_batch)
+        self.optimizer = create_optimizer_v2(
+            self.model, cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.opt_betas), eps=cfg.opt_eps
+        )
+        self.steps_per_epoch = len(self.train_loader)
+        total = cfg.epochs * self.steps_per_epoch
+        warmup = min(int(cfg.warmup_epochs * self.steps_per_epoch), total)
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=max(1, total - warmup), lr_min=min_lr, warmup_t=warmup,
+            warmup_lr_init=warmup_lr, warmup_prefix=True, t_in_epochs=False,
+        )
+        self.scheduler.step_update(0)
+        self.mixup = None
+        if not cfg.no_aug and (cfg.mixup > 0 or cfg.cutmix > 0):
+            if cfg.batch_size % 2:
+                raise ValueError(f"Mixup/CutMix need an even --batch-size, got {cfg.batch_size}")
+            self.mixup = Mixup(
+                mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing, num_classes=self.num_classes,
+            )
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif cfg.smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+        self.mesa_criterion = SoftTargetCrossEntropy()
+        self.mesa_start_epoch = math.ceil(cfg.mesa_start * cfg.epochs)
+        if cfg.mesa > 0 and self.ema is None:
+            raise ValueError("MESA (--mesa > 0) learns from the EMA model: turn on --model-ema or set --mesa 0")
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        _logger.info(
+            "%d process(es) x batch %d = %d images/step, %d steps/epoch; lr %.3g (warm-up %d steps from %.3g, cosine to %.3g)%s",
+            env.world_size, cfg.batch_size, global_batch, self.steps_per_epoch, self.lr, warmup, warmup_lr, min_lr,
+            f"; EMA decay {cfg.ema_decay(global_batch):.6f}" if self.ema else "",
+        )
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        cfg, device = self.cfg, self.env.device
+        if not cfg.amp:
+            return None
+        if cfg.amp_dtype == "auto":
+            if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                return torch.float16
+            return torch.bfloat16
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.amp_dtype)
+        if dtype is None:
+            raise ValueError(f"--amp-dtype must be auto, bfloat16 or float16, got {cfg.amp_dtype!r}")
+        if dtype == torch.float16 and device.type != "cuda":
+            raise ValueError("float16 autocast needs a GPU; use --amp-dtype bfloat16 on CPU")
+        return dtype
+
+    def autocast(self) -> ContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.amp_dtype)
+
+    def _resume(self) -> dict[str, Any]:
+        ckpt = read_checkpoint(self.resume_from)
+        saved_classes = ckpt.get("class_to_idx")
+        if saved_classes is not None and saved_classes != self.class_to_idx:
+            raise CheckpointError(
+                f"{self.resume_from} was trained on {len(saved_classes)} classes but {self.train_set.root} has "
+                f"{self.num_classes} (or other names); resume on the same data, or fine-tune from it with "
+                f"--initial-checkpoint {self.resume_from} and a new --output"
+            )
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            if self.ema is not None:
+                self.ema.module.load_state_dict(ckpt.get("model_ema") or ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"cannot resume from {self.resume_from} with this configuration: {str(e).splitlines()[0]}") from e
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
+        self.best = dict(ckpt["best"])
+        self.meters = ckpt["meters"].clone()
+        _logger.info("resumed from %s: epoch %d, step %d of %d", self.resume_from, self.epoch + 1, self.step_in_epoch, self.steps_per_epoch)
+        return ckpt["rng"]
+
+    # ------------------------------------------------------------------------- checkpoints
+    def _state(self, rng: dict[str, Any]) -> dict[str, Any]:
+        return dict(
+            model=self.model.state_dict(),
+            model_ema=self.ema.module.state_dict() if self.ema else None,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            epoch=self.epoch,
+            step_in_epoch=self.step_in_epoch,
+            global_step=self.global_step,
+            best=self.best,
+            meters=self.meters.clone(),
+            rng=rng,
+            config=self.cfg.to_dict(),
+            class_to_idx=self.class_to_idx,
+        )
+
+    def save_last(self) -> None:
+        if self.env.is_main:
+            save_checkpoint(self._state(capture_rng()), self.output / "last.pth")
+
+    def _save_best(self, row: dict[str, Any]) -> None:
+        score = max((row[k] for k in ("val_top1", "ema_top1") if row.get(k) is not None), default=-row["train_loss"])
+        if score <= self.best.get("score", -math.inf):
+            return
+        self.best = dict(score=score, epoch=row["epoch"])
+        if self.env.is_main:
+            save_checkpoint(
+                dict(
+                    model=self.model.state_dict(), model_ema=self.ema.module.state_dict() if self.ema else None,
+                    epoch=row["epoch"], metrics=row, config=self.cfg.to_dict(), class_to_idx=self.class_to_idx,
+                ),
+                self.output / "best.pth",
+            )
+
+    # ------------------------------------------------------------------------------ loop
+    def _agree(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """(every process's loss is finite, some process was asked to stop): one all-reduce,
+        so all processes raise or stop at the same step."""
+        flags = torch.stack([(~torch.isfinite(loss.detach())).float().cpu(), torch.tensor(float(self.stop.requested))])
+        flags = all_reduce_sum(flags, self.env)
+        return bool(flags[0] == 0), bool(flags[1] > 0)
+
+    def _nonfinite_error(self, loss: torch.Tensor, batch: int) -> RuntimeError:
+        last = self.output / "last.pth"
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint had been written yet"
+        return RuntimeError(
+            f"loss became {loss.item()} at epoch {self.epoch + 1}, step {batch + 1} (global step {self.global_step + 1}); "
+            f"stopped without saving: {kept}. Lower --lr, set --clip-grad, or turn off --amp, then --resume auto"
+        )
+
+    def train_one_epoch(self) -> bool:
+        """Run the rest of epoch ``self.epoch``; False when stopped by a signal (state saved)."""
+        cfg, env = self.cfg, self.env
+        self.train_set.set_epoch(self.epoch)
+        self.train_loader.sampler.set_epoch(self.epoch, start=self.step_in_epoch * cfg.batch_size)
+        mesa = cfg.mesa if self.ema is not None and self.epoch >= self.mesa_start_epoch else 0.0
+        self.ddp_model.train()
+        bar = tqdm(
+            self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", initial=self.step_in_epoch,
+            total=self.steps_per_epoch, disable=not (cfg.progress and env.is_main), dynamic_ncols=True,
+        )
+        for images, targets, skipped in bar:
+            images = images.to(env.device, non_blocking=True)
+            targets = targets.to(env.device, non_blocking=True)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            if self.mixup is not None:
+                images, targets = self.mixup(images, targets)
+            with self.autocast():
+                logits = self.ddp_model(images)
+                loss = self.criterion(logits.float(), targets)
+                if mesa:
+                    with torch.no_grad():
+                        teacher = self.ema.module(images).float().softmax(dim=-1)
+                    loss = loss + mesa * self.mesa_criterion(logits.float(), teacher)
+            finite, stop = self._agree(loss)
+            if not finite:
+                raise self._nonfinite_error(loss, self.step_in_epoch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.global_step += 1
+            self.step_in_epoch += 1
+            self.scheduler.step_update(self.global_step)
+            if self.ema is not None:
+                self.ema.update(self.model)
+            self.meters += torch.tensor([loss.item(), 1.0, float(skipped)], dtype=torch.float64)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}", refresh=False)
+            if self.on_step is not None:
+                self.on_step(self.global_step)
+            if stop or (cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0):
+                self.save_last()  # at a step boundary: a resumed run continues from here
+            if stop:
+                bar.close()
+                return False
+        bar.close()
+        return True
+
+    def _end_epoch(self, seconds: float) -> dict[str, Any]:
+        cfg = self.cfg
+        loss_sum, steps, skipped = all_reduce_sum(self.meters, self.env).tolist()
+        row: dict[str, Any] = dict(
+            epoch=self.epoch, step=self.global_step, lr=self.optimizer.param_groups[0]["lr"],
+            train_loss=loss_sum / max(steps, 1), train_skipped=int(skipped),
+        )
+        if self.val_loader is not None:
+            eval_args = dict(autocast=self.autocast, channels_last=cfg.channels_last, progress=cfg.progress)
+            raw = evaluate(self.model, self.val_loader, self.env, desc="validate", **eval_args)
+            row.update(val_loss=raw["loss"], val_top1=raw["top1"], val_top5=raw["top5"], val_skipped=raw["skipped"])
+            if self.ema is not None:
+                ema = evaluate(self.ema.module, self.val_loader, self.env, desc="validate EMA", **eval_args)
+                row.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+        row.update(epoch_time_s=seconds, train_img_per_s=steps * cfg.batch_size * self.env.world_size / max(seconds, 1e-9))
+        return row
+
+    def _log_epoch(self, row: dict[str, Any]) -> None:
+        parts = [f"epoch {row['epoch'] + 1}/{self.cfg.epochs}", f"train loss {row['train_loss']:.4f}"]
+        if "val_top1" in row:
+            parts.append(f"val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%")
+        if "ema_top1" in row:
+            parts.append(f"EMA top-1 {row['ema_top1']:.2f}%")
+        skipped = row["train_skipped"] + row.get("val_skipped", 0)
+        parts.append(f"{skipped} unreadable images skipped" if skipped else "no unreadable images")
+        parts.append(f"{row['train_img_per_s']:.0f} img/s")
+        _logger.info(", ".join(parts))
+
+    def run(self) -> dict[str, Any]:
+        """Train the remaining epochs; returns the summary described in :func:`fit`."""
+        cfg, env = self.cfg, self.env
+        row: dict[str, Any] = {}
+        status = "finished"
+        with self.stop:
+            while self.epoch < cfg.epochs:
+                start = time.perf_counter()
+                if not self.train_one_epoch():
+                    status = "interrupted"
+                    break
+                row = self._end_epoch(time.perf_counter() - start)
+                self._save_best(row)
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                self.meters.zero_()
+                self.save_last()
+                if env.is_main:
+                    self.metrics.append(row)
+                    plot_metrics(self.metrics.rows, self.output / "metrics.png")
+                    self._log_epoch(row)
+                if self._agree(torch.zeros(()))[1]:
+                    status = "interrupted"
+                    break
+        if env.is_main:
+            self.metrics.close()
+            if not row and self.metrics.rows:  # resumed a finished run: report where it ended
+                row = self.metrics.rows[-1]
+            if status == "interrupted":
+                _logger.warning("stopped at epoch %d step %d: continue with --resume auto --output %s",
+                                self.epoch + 1, self.step_in_epoch, self.output)
+        self._barrier()
+        return dict(status=status, output=str(self.output), epoch=self.epoch, best=self.best, last=row)

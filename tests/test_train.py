@@ -1,0 +1,172 @@
+"""The training loop: learning, bit-exact resume after SIGTERM, NaN stop, bad data, outputs."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import mlla
+from mlla.data import DEMO_CLASSES, make_demo_dataset
+from mlla.engine import TrainConfig, fit
+from mlla.engine import trainer as trainer_module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the suite runs two test processes on two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(data: Path, output: Path, **kw) -> TrainConfig:
+    base = dict(
+        model="test_mlla", data_dir=str(data), output=str(output), epochs=2, batch_size=4, img_size=32,
+        workers=0, progress=False, amp=False, lr=1e-3, warmup_epochs=0.5, crop_pct=1.0,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def _rows(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data4(tmp_path_factory):
+    """4 classes x 4 training images (4 steps of 4), 2 validation images per class."""
+    return make_demo_dataset(tmp_path_factory.mktemp("data4"), 4, 2, classes=DEMO_CLASSES[:4], progress=False)
+
+
+def test_loss_goes_down_and_outputs_are_written(tmp_path):
+    data = make_demo_dataset(tmp_path / "data", 8, 2, classes=("circle", "hstripes"), progress=False)
+    out = tmp_path / "run"
+    cfg = _config(data, out, epochs=5, batch_size=8, no_aug=True, mixup=0.0, cutmix=0.0, smoothing=0.0,
+                  lr=3e-3, warmup_epochs=0, model_ema=False, drop_path=0.0)
+    summary = fit(cfg)
+    rows = _rows(out)
+    assert summary["status"] == "finished" and len(rows) == 5
+    assert rows[-1]["train_loss"] < 0.7 * rows[0]["train_loss"]
+    assert {"val_top1", "val_loss", "train_skipped", "lr"} <= set(rows[0])
+    assert (out / "metrics.csv").read_text().count("\n") == 6
+    for name in ("last.pth", "best.pth", "config.yaml", "metrics.png"):
+        assert (out / name).is_file(), name
+    assert mlla.engine.load_yaml(out / "config.yaml")["lr"] == 3e-3
+
+
+def _stop_at(steps: set[int]):
+    def on_step(step: int) -> None:
+        if step in steps:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return on_step
+
+
+def test_sigterm_then_resume_gives_the_same_weights_bitwise(data4, tmp_path):
+    # The full recipe's moving parts: RandAugment, random erasing, Mixup/CutMix, drop path,
+    # EMA and MESA, so every random generator and every piece of state must be restored.
+    recipe = dict(aa="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, drop_path=0.1,
+                  model_ema=True, model_ema_decay=0.9, model_ema_decay_batch=0, mesa=1.0, mesa_start=0.25)
+    straight = fit(_config(data4, tmp_path / "a", **recipe))
+    assert straight["status"] == "finished"
+
+    out = tmp_path / "b"
+    first = fit(_config(data4, out, **recipe), on_step=_stop_at({2}))  # stops after step 3, mid-epoch 1
+    assert first["status"] == "interrupted"
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == (0, 3, 3)
+    second = fit(_config(data4, out, resume="auto", workers=2, **recipe), on_step=_stop_at({5}))  # after step 6
+    assert second["status"] == "interrupted"
+    final = fit(_config(data4, out, resume="auto", **recipe))
+    assert final["status"] == "finished"
+
+    a, b = (torch.load(p / "last.pth", weights_only=True) for p in (tmp_path / "a", out))
+    assert a["global_step"] == b["global_step"] == 8
+    for part in ("model", "model_ema"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), f"{part}.{k}"
+    for k, v in a["optimizer"]["state"].items():
+        assert torch.equal(v["exp_avg_sq"], b["optimizer"]["state"][k]["exp_avg_sq"])
+    ra, rb = _rows(tmp_path / "a"), _rows(out)
+    assert [r["epoch"] for r in rb] == [0, 1]
+    for x, y in zip(ra, rb):
+        assert (x["train_loss"], x["val_top1"], x["ema_top1"]) == (y["train_loss"], y["val_top1"], y["ema_top1"])
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(data4, tmp_path, monkeypatch):
+    made = []
+
+    def create_model(*args, **kwargs):
+        made.append(mlla.create_model(*args, **kwargs))
+        return made[-1]
+
+    def poison(step: int) -> None:
+        if step == 6:  # in epoch 2, after last.pth of epoch 1 was written
+            with torch.no_grad():
+                made[-1].head.fc.bias.fill_(float("nan"))
+
+    monkeypatch.setattr(trainer_module, "create_model", create_model)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"loss became nan at epoch 2.*last good checkpoint is .*last\.pth"):
+        fit(_config(data4, out, model_ema=False), on_step=poison)
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["step_in_epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert len(_rows(out)) == 1
+
+
+def test_corrupt_images_are_counted_in_the_epoch_summary(tmp_path, caplog):
+    data = make_demo_dataset(tmp_path / "data", 4, 2, classes=DEMO_CLASSES[:2], progress=False)
+    for p in sorted((data / "train").rglob("*.png"))[:2] + sorted((data / "val").rglob("*.png"))[:1]:
+        p.write_bytes(b"\x89PNG but broken")
+    with caplog.at_level("INFO"):
+        fit(_config(data, tmp_path / "run", epochs=1, model_ema=False))
+    row = _rows(tmp_path / "run")[0]
+    assert row["train_skipped"] == 2 and row["val_skipped"] == 1
+    assert any("3 unreadable images skipped" in r.message for r in caplog.records)
+
+
+def test_resume_on_data_with_other_classes_is_refused(data4, tmp_path):
+    out = tmp_path / "run"
+    fit(_config(data4, out, epochs=1, model_ema=False))
+    other = make_demo_dataset(tmp_path / "other", 4, 1, classes=DEMO_CLASSES[:5], progress=False)
+    with pytest.raises(mlla.CheckpointError, match="trained on 4 classes.*has 5"):
+        fit(_config(other, out, epochs=2, resume="auto", model_ema=False))
+
+
+def test_existing_run_needs_resume_and_missing_val_split_only_warns(data4, tmp_path, caplog):
+    out = tmp_path / "run"
+    cfg = _config(data4, out, epochs=1, model_ema=False, val_split="nope")
+    with caplog.at_level("WARNING"):
+        summary = fit(cfg)
+    assert any("training without validation" in r.message for r in caplog.records)
+    assert "val_top1" not in summary["last"] and (out / "best.pth").is_file()
+    with pytest.raises(ValueError, match="already holds a run.*--resume auto"):
+        fit(cfg)
+
+
+def test_cli_train_exits_cleanly_on_sigterm(data4, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mlla.cli", "train", "--model", "test_mlla", "--data-dir", str(data4),
+           "--output", str(out), "--epochs", "1000", "-b", "4", "--img-size", "32", "-j", "0",
+           "--no-amp", "--no-progress", "--save-every-steps", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "last.pth").is_file() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "SIGTERM received" in err and "--resume auto" in err
+    assert torch.load(out / "last.pth", weights_only=True)["global_step"] >= 1
