@@ -17,7 +17,7 @@ class MllaBlock(nn.Module):
 
     ::
 
-        x = x + CPE(x)
+        x = x + CPE(x)                               # one depthwise conv, identity in its kernel
         y = LN(x); y, g = in_proj(y)                 # input and gate projections, one matmul
         y = LinearAttention(SiLU(DWConv(y)))
         x = x + DropPath(out_proj(y * SiLU(g)))
@@ -35,23 +35,23 @@ class MllaBlock(nn.Module):
         norm_layer: type[nn.Module] = nn.LayerNorm,
     ) -> None:
         super().__init__()
-        self.cpe1 = DepthwiseConvNHWC(dim)
+        self.cpe1 = DepthwiseConvNHWC(dim, residual=True)
         self.norm1 = norm_layer(dim)
         self.in_proj = nn.Linear(dim, 2 * dim)  # [input projection | gate projection]
         self.dwconv = DepthwiseConvNHWC(dim)
         self.attn = MllaLinearAttention(dim, num_heads, qkv_bias=qkv_bias)
         self.out_proj = nn.Linear(dim, dim)
-        self.cpe2 = DepthwiseConvNHWC(dim)
+        self.cpe2 = DepthwiseConvNHWC(dim, residual=True)
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """``x: (B, H, W, C)``, ``rope``: RoPE tables ``(H, W, 2C)`` -> ``(B, H, W, C)``."""
-        x = x + self.cpe1(x)
+        """``x: (B, H, W, C)``, ``rope``: RoPE tables (see ``MllaLinearAttention``) -> ``(B, H, W, C)``."""
+        x = self.cpe1(x)
         y, gate = self.in_proj(self.norm1(x)).chunk(2, dim=-1)
         y = self.attn(F.silu(self.dwconv(y)), rope)
         x = x + self.drop_path(self.out_proj(y * F.silu(gate)))
-        x = x + self.cpe2(x)
+        x = self.cpe2(x)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x

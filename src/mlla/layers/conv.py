@@ -2,9 +2,19 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["ConvNorm", "DepthwiseConvNHWC"]
+__all__ = ["ConvNorm", "DepthwiseConvNHWC", "fold_batchnorm"]
+
+
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold an inference-mode ``bn`` that follows ``conv`` into the convolution, in place."""
+    weight, bias = fuse_conv_bn_weights(
+        conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+    )
+    conv.weight, conv.bias = weight, bias
 
 
 class ConvNorm(nn.Sequential):
@@ -23,18 +33,35 @@ class ConvNorm(nn.Sequential):
         super().__init__()
         self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=kernel_size // 2, bias=bias)
         self.bn = nn.BatchNorm2d(out_chs)
-        self.act = act_layer() if act_layer is not None else nn.Identity()
+        self.act = act_layer(inplace=True) if act_layer is nn.ReLU else act_layer() if act_layer else nn.Identity()
+
+    def fuse(self) -> None:
+        """Fold ``bn`` into ``conv`` (inference); ``bn`` becomes an identity."""
+        if isinstance(self.bn, nn.BatchNorm2d):
+            fold_batchnorm(self.conv, self.bn)
+            self.bn = nn.Identity()
 
 
 class DepthwiseConvNHWC(nn.Conv2d):
     """Depthwise ``k x k`` convolution (stride 1, 'same' padding) on channels-last tokens.
 
     Takes and returns ``(B, H, W, C)``. The permutes are views: the convolution runs on a
-    channels-last NCHW tensor, so no layout copy is made around it.
+    channels-last NCHW tensor, so no layout copy is made around it. With ``residual=True`` it
+    computes ``x + DWConv(x)`` as one convolution, the identity added to the kernel's centre
+    (the weights and state-dict keys are those of the plain convolution).
     """
 
-    def __init__(self, dim: int, kernel_size: int = 3, bias: bool = True) -> None:
+    def __init__(self, dim: int, kernel_size: int = 3, bias: bool = True, residual: bool = False) -> None:
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=bias)
+        self.residual = residual
+
+    def kernel(self) -> torch.Tensor:
+        """The ``(C, 1, k, k)`` kernel applied, the identity included when ``residual``."""
+        if not self.residual:
+            return self.weight
+        p = self.kernel_size[0] // 2
+        return self.weight + F.pad(torch.ones_like(self.weight[:, :, :1, :1]), (p, p, p, p))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)  # a no-op for NHWC tokens
+        return F.conv2d(x, self.kernel(), self.bias, padding=self.padding, groups=self.groups).permute(0, 2, 3, 1)

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conv import fold_batchnorm
+
 __all__ = ["MllaDownsample"]
 
 
@@ -25,14 +27,20 @@ class MllaDownsample(nn.Module):
         self.dwconv = nn.Conv2d(hidden, hidden, 3, stride=2, padding=1, groups=hidden)
         self.project = nn.Conv2d(hidden, out_dim, 1)
         self.norm = nn.BatchNorm2d(out_dim)
-        self.act = nn.ReLU()
+        self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad_h, pad_w = x.shape[1] % 2, x.shape[2] % 2
-        if pad_h or pad_w:
+        if torch.compiler.is_exporting() or pad_h or pad_w:  # symbolic sizes: always pad
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         x = x.permute(0, 3, 1, 2)  # (B, dim, H, W), channels-last memory
         x = self.act(self.expand(x))
         x = self.act(self.dwconv(x))
         x = self.norm(self.project(x))
         return x.permute(0, 2, 3, 1)
+
+    def fuse(self) -> None:
+        """Fold ``norm`` into ``project`` (inference); ``norm`` becomes an identity."""
+        if isinstance(self.norm, nn.BatchNorm2d):
+            fold_batchnorm(self.project, self.norm)
+            self.norm = nn.Identity()

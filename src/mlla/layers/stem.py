@@ -33,9 +33,14 @@ class MllaStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pad_h, pad_w = -x.shape[-2] % 4, -x.shape[-1] % 4
-        if pad_h or pad_w:
+        if torch.compiler.is_exporting() or pad_h or pad_w:  # symbolic sizes: always pad
             x = F.pad(x, (0, pad_w, 0, pad_h))
         x = self.conv1(x)
-        x = x + self.res(x)
+        x = self.res(x).add_(x)
         x = self.proj(self.conv2(x))
         return x.permute(0, 2, 3, 1)  # (B, H/4, W/4, C)
+
+    def fuse(self) -> None:
+        """Fold every BatchNorm into its convolution (inference)."""
+        for module in (self.conv1, *self.res, self.conv2, self.proj):
+            module.fuse()

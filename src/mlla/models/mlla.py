@@ -24,7 +24,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import MllaBlock, MllaDownsample, MllaStem
+from ..layers import MllaBlock, MllaDownsample, MllaLinearAttention, MllaStem
 from ..ops.rope import rope_2d_tables
 
 __all__ = ["MLLA", "MllaStage", "checkpoint_filter_fn"]
@@ -53,6 +53,7 @@ class MllaStage(nn.Module):
     ) -> None:
         super().__init__()
         self.dim = dim
+        self.num_heads = num_heads
         self.grad_checkpointing = False
         self.downsample = MllaDownsample(in_dim, dim) if downsample else nn.Identity()
         drop_path = list(drop_path) or [0.0] * depth
@@ -64,6 +65,7 @@ class MllaStage(nn.Module):
         x = self.downsample(x)
         # RoPE over the concatenated [q, k] channels, computed once for this grid and stage.
         rope = rope_2d_tables(x.shape[1], x.shape[2], self.dim, repeats=2, device=x.device)
+        rope = MllaLinearAttention.head_major_rope(*rope, self.num_heads)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = checkpoint(block, x, rope, use_reentrant=False)
@@ -266,6 +268,21 @@ class MLLA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def fuse(self) -> MLLA:
+        """Fold the BatchNorms of the stem and downsampling layers into their convolutions.
+
+        For inference only (puts the model in eval mode): outputs are unchanged up to float
+        rounding; the folded ``bn``/``norm`` modules become identities and leave the state dict.
+        Returns the model.
+        """
+        self.eval()
+        self.stem.fuse()
+        for stage in self.stages:
+            if isinstance(stage.downsample, MllaDownsample):
+                stage.downsample.fuse()
+        return self
 
 
 # Renames from the authors' key layout (LeapLabTHU/MLLA) to ours, applied in order.

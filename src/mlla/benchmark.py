@@ -1,0 +1,455 @@
+"""Interleaved speed benchmark: throughput, batch-1 latency, peak memory and achieved GFLOP/s.
+
+Every model variant of a group (same image size, batch, task and mode) is warmed up, then timed
+in rounds ``A B C A B C ...`` in one process, so that load changes on a shared machine hit all
+of them alike; medians over the rounds are reported. A square matmul is timed in the same rounds
+(one per dtype) as the machine's peak, beside each model's achieved GFLOP/s. GPU timings
+synchronise before reading the clock.
+
+Peak memory is the growth of one call over what the model and input already hold: on CUDA
+``torch.cuda.max_memory_allocated`` minus the memory allocated before the call; on CPU the
+growth of the resident set's high-water mark (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs``) during one call after a warm-up call, measured in a fresh process per
+model so that no other model's freed memory hides it.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import ctypes
+import gc
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BenchmarkSpec",
+    "Variant",
+    "build_model",
+    "environment",
+    "format_table",
+    "parse_size",
+    "plot_results",
+    "run_benchmark",
+    "write_results",
+]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TASKS = ("cls", "features")
+MODES = ("infer", "train")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``'224'`` -> ``(224, 224)``; ``'320x256'`` -> ``(320, 256)`` (height x width)."""
+    parts = str(text).lower().split("x")
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image size {text!r} is not N or HxW with positive integers, e.g. 224 or 320x256")
+    return size  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One timed entry of a group: a model in a dtype, eager or compiled."""
+
+    model: str
+    dtype: str = "fp32"
+    compiled: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.dtype}{' compiled' if self.compiled else ''}"
+
+
+@dataclass
+class BenchmarkSpec:
+    """What to measure; every combination of the list fields is run."""
+
+    models: Sequence[str]
+    sizes: Sequence[tuple[int, int]] = ((224, 224),)
+    batch_sizes: Sequence[int] = (32,)
+    dtypes: Sequence[str] = ("fp32",)
+    backends: Sequence[str] = ("eager",)
+    task: str = "cls"
+    mode: str = "infer"
+    warmup: int = 2
+    rounds: int = 5
+    min_round_s: float = 0.0
+    threads: int | None = None
+    device: str = "cpu"
+    memory: str = "eager"
+    fuse: bool = True
+    matmul_size: int = 2048
+
+    def validate(self) -> None:
+        if not self.models:
+            raise ValueError("no models to benchmark; pass --models NAME [NAME ...]")
+        for d in self.dtypes:
+            if d not in DTYPES:
+                raise ValueError(f"unknown dtype {d!r}; choose from {sorted(DTYPES)}")
+        for b in self.backends:
+            if b not in ("eager", "compile"):
+                raise ValueError(f"unknown backend {b!r}; choose 'eager' or 'compile'")
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; choose from {TASKS}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; choose from {MODES}")
+        if self.memory not in ("none", "eager", "all"):
+            raise ValueError(f"memory must be 'none', 'eager' or 'all', got {self.memory!r}")
+        if self.rounds < 1 or self.warmup < 1 or min(self.batch_sizes) < 1:
+            raise ValueError("rounds, warmup and batch sizes must be at least 1")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        import timm
+
+        for name in self.models:
+            if not timm.is_model(name):
+                raise ValueError(f"unknown model {name!r}; see `mlla models` or timm.list_models()")
+
+    def variants(self) -> list[Variant]:
+        return [Variant(m, d, b == "compile") for m in self.models for d in self.dtypes for b in self.backends]
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """Machine, thread count and versions, recorded with every result."""
+    import timm
+
+    from . import __version__
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    env = dict(
+        machine=platform.node(),
+        platform=platform.platform(),
+        cpu=cpu,
+        cpu_count=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        python=platform.python_version(),
+        torch=torch.__version__,
+        timm=timm.__version__,
+        mlla=__version__,
+        device=device,
+    )
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def build_model(name: str, img_size: tuple[int, int], task: str = "cls", *, fuse: bool = True) -> nn.Module:
+    """Create ``name`` (no pretrained weights) for inputs of ``img_size``.
+
+    Models with a fixed input size (Swin, ViT) are built for ``img_size``; ``task='features'``
+    builds timm's ``features_only`` backbone. ``fuse`` calls ``model.fuse()`` where the model has
+    one (BatchNorm folded into convolutions; only used for inference).
+    """
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    kwargs: dict[str, Any] = {}
+    cfg = get_pretrained_cfg(name)
+    if cfg is not None and cfg.fixed_input_size:
+        kwargs["img_size"] = img_size
+    if task == "features":
+        kwargs["features_only"] = True
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    target = getattr(model, "model", model)  # timm's FeatureGetterNet wraps the model
+    if fuse and hasattr(target, "fuse"):
+        target.fuse()
+    return model
+
+
+def _gmacs(name: str, img_size: tuple[int, int], task: str) -> float | None:
+    """Forward GMACs per image, counted on the meta device (no memory, no time)."""
+    from .profiling import count_gmacs
+
+    try:
+        with torch.device("meta"):
+            model = build_model(name, img_size, task, fuse=False)
+        return count_gmacs(model, (3, *img_size))
+    except Exception:  # a model that cannot run on the meta device: leave the column empty
+        return None
+
+
+def _reduce(out: Any) -> torch.Tensor:
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    return sum(o.float().mean() for o in outs)
+
+
+def make_step(model: nn.Module, x: torch.Tensor, dtype: str, mode: str) -> Callable[[], None]:
+    """One inference call, or one training step (forward, backward) for ``mode='train'``."""
+    device_type = x.device.type
+    autocast = (
+        torch.autocast(device_type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
+    )
+
+    if mode == "train":
+        def step() -> None:
+            with autocast:
+                loss = _reduce(model(x))
+            loss.backward()
+            for p in model.parameters():
+                p.grad = None
+    else:
+        def step() -> None:
+            with torch.no_grad(), autocast:
+                model(x)
+    return step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], device: torch.device, calls: int = 1) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def _matmul_step(n: int, dtype: str, device: torch.device) -> Callable[[], None]:
+    a = torch.randn(n, n, device=device).to(DTYPES[dtype])
+    b = torch.randn(n, n, device=device).to(DTYPES[dtype])
+    return lambda: torch.mm(a, b)
+
+
+def _prepare(variant: Variant, spec: BenchmarkSpec, size: tuple[int, int], batch: int, device: torch.device):
+    model = build_model(variant.model, size, spec.task, fuse=spec.fuse and spec.mode == "infer")
+    model = model.to(device).train(spec.mode == "train")
+    x = torch.randn(batch, 3, *size, device=device)
+    if variant.compiled:
+        model = torch.compile(model)
+    return model, x
+
+
+def run_benchmark(spec: BenchmarkSpec, progress: bool = True) -> list[dict[str, Any]]:
+    """Time every variant of ``spec`` interleaved per (size, batch) group; one row per variant."""
+    from tqdm import tqdm
+
+    spec.validate()
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    device = torch.device(spec.device)
+    env = environment(spec.device)
+    rows: list[dict[str, Any]] = []
+    variants = spec.variants()
+    groups = [(s, b) for s in spec.sizes for b in spec.batch_sizes]
+    for size, batch in groups:
+        steps: dict[str, Callable[[], None]] = {}
+        calls: dict[str, int] = {}
+        for dt in spec.dtypes:
+            steps[f"matmul {dt}"] = _matmul_step(spec.matmul_size, dt, device)
+        desc = f"{spec.task} {spec.mode} {size[0]}x{size[1]} batch {batch}"
+        for variant in tqdm(variants, desc=f"warm-up {desc}", disable=not progress, leave=False):
+            model, x = _prepare(variant, spec, size, batch, device)
+            steps[variant.label] = make_step(model, x, variant.dtype, spec.mode)
+        for label, step in steps.items():
+            t = min(_timed(step, device) for _ in range(spec.warmup))
+            calls[label] = max(1, math.ceil(spec.min_round_s / max(t, 1e-9)))
+        times: dict[str, list[float]] = {label: [] for label in steps}
+        for _ in tqdm(range(spec.rounds), desc=f"rounds {desc}", disable=not progress, leave=False):
+            for label, step in steps.items():
+                times[label].append(_timed(step, device, calls[label]))
+        peaks = {dt: 2 * spec.matmul_size**3 / statistics.median(times[f"matmul {dt}"]) / 1e9 for dt in spec.dtypes}
+        for variant in variants:
+            ts = times[variant.label]
+            median = statistics.median(ts)
+            gmacs = _gmacs(variant.model, size, spec.task)
+            flops_per_img = None if gmacs is None else 2 * gmacs * (3 if spec.mode == "train" else 1)
+            gflops = None if flops_per_img is None else flops_per_img * batch / median
+            rows.append(dict(
+                model=variant.model,
+                task=spec.task,
+                mode=spec.mode,
+                dtype=variant.dtype,
+                backend="compile" if variant.compiled else "eager",
+                height=size[0],
+                width=size[1],
+                batch=batch,
+                ms_per_batch=1e3 * median,
+                ms_min=1e3 * min(ts),
+                ms_max=1e3 * max(ts),
+                img_per_s=batch / median,
+                gmacs_per_img=gmacs,
+                achieved_gflops=gflops,
+                matmul_peak_gflops=peaks[variant.dtype],
+                pct_of_peak=None if gflops is None else 100 * gflops / peaks[variant.dtype],
+                peak_mem_mib=None,
+                rounds=spec.rounds,
+                calls_per_round=calls[variant.label],
+                **env,
+            ))
+        del steps
+        gc.collect()
+    if spec.memory != "none":
+        for row in tqdm(rows, desc="peak memory", disable=not progress, leave=False):
+            if spec.memory == "all" or row["backend"] == "eager":
+                row["peak_mem_mib"] = measure_peak_memory(row, spec)
+    return rows
+
+
+def _peak_memory_here(model_name: str, size: tuple[int, int], batch: int, dtype: str, compiled: bool,
+                      task: str, mode: str, device: str, fuse: bool) -> float:
+    """Extra memory (MiB) of one call, measured in this process (see the module docstring)."""
+    spec = BenchmarkSpec([model_name], task=task, mode=mode, device=device, fuse=fuse)
+    dev = torch.device(device)
+    model, x = _prepare(Variant(model_name, dtype, compiled), spec, size, batch, dev)
+    step = make_step(model, x, dtype, mode)
+    step()  # warm-up: lazy initialisation, compilation, weight repacking
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        step()
+        torch.cuda.synchronize(dev)
+        return (torch.cuda.max_memory_allocated(dev) - before) / 2**20
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS is tight
+    before = _proc_status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    step()
+    return (_proc_status_kib("VmHWM") - before) / 1024
+
+
+def _proc_status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def measure_peak_memory(row: dict[str, Any], spec: BenchmarkSpec) -> float | None:
+    """Peak memory (MiB) of one call of ``row``'s variant, in a fresh process (None if unsupported)."""
+    if spec.device == "cpu" and not Path("/proc/self/clear_refs").exists():
+        return None
+    args = dict(
+        model_name=row["model"], size=[row["height"], row["width"]], batch=row["batch"], dtype=row["dtype"],
+        compiled=row["backend"] == "compile", task=row["task"], mode=row["mode"], device=spec.device,
+        fuse=spec.fuse and spec.mode == "infer", threads=torch.get_num_threads(),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlla.benchmark", "--memory-probe", json.dumps(args)],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe for {row['model']} failed:\n{proc.stderr[-2000:]}")
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+def _memory_probe_main(payload: str) -> None:
+    import mlla  # noqa: F401  (registers the models)
+
+    args = json.loads(payload)
+    torch.set_num_threads(args.pop("threads"))
+    args["size"] = tuple(args["size"])
+    print(_peak_memory_here(**args))
+
+
+COLUMNS = [
+    "model", "task", "mode", "dtype", "backend", "height", "width", "batch", "img_per_s", "ms_per_batch",
+    "ms_min", "ms_max", "gmacs_per_img", "achieved_gflops", "matmul_peak_gflops", "pct_of_peak", "peak_mem_mib",
+    "rounds", "calls_per_round", "threads", "device", "cpu", "machine", "torch", "timm", "mlla",
+]
+
+
+def format_table(rows: Iterable[dict[str, Any]]) -> str:
+    """A Markdown table of the main columns."""
+    head = ["model", "task", "mode", "dtype", "backend", "size", "batch", "img/s", "ms/batch", "GFLOP/s",
+            "% matmul peak", "peak MiB"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def f(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["model"], r["task"], r["mode"], r["dtype"], r["backend"], f"{r['height']}x{r['width']}",
+            str(r["batch"]), f(r["img_per_s"], ".2f"), f(r["ms_per_batch"], ".1f"), f(r["achieved_gflops"], ".0f"),
+            f(r["pct_of_peak"], ".0f"), f(r["peak_mem_mib"], ".0f"),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """Throughput (img/s, log scale) against image size, one line per model variant and batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_save
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        lines.setdefault((r["model"], r["dtype"], r["backend"], r["task"], r["mode"], r["batch"]), []).append(r)
+    for key, rs in sorted(lines.items()):
+        rs = sorted(rs, key=lambda r: r["height"] * r["width"])
+        mpix = [r["height"] * r["width"] / 1e6 for r in rs]
+        ax.plot(mpix, [r["img_per_s"] for r in rs], marker="o", linestyle="--" if key[2] == "compile" else "-",
+                label=f"{key[0]} {key[1]} {key[2]} ({key[3]}, {key[4]}, batch {key[5]})")
+    env = rows[0] if rows else {}
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("image size (megapixels)")
+    ax.set_ylabel("throughput (img/s)")
+    ax.set_title(f"{env.get('cpu', '')} - {env.get('threads', '')} threads, {env.get('device', '')}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return atomic_save(lambda tmp: Path(tmp).write_bytes(buf.getvalue()), path)
+
+
+def write_results(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike, plot: bool = True) -> dict[str, Path]:
+    """Write ``results.csv``, ``results.json``, ``table.md`` (and ``throughput.png``) atomically."""
+    from .checkpoint import atomic_save
+
+    out_dir = Path(out_dir)
+    csv_buf = io.StringIO()
+    writer = csv.DictWriter(csv_buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    paths = {
+        "csv": atomic_save(lambda tmp: Path(tmp).write_text(csv_buf.getvalue()), out_dir / "results.csv"),
+        "json": atomic_save(lambda tmp: Path(tmp).write_text(json.dumps(list(rows), indent=1)), out_dir / "results.json"),
+        "table": atomic_save(lambda tmp: Path(tmp).write_text(format_table(rows) + "\n"), out_dir / "table.md"),
+    }
+    if plot and rows:
+        paths["plot"] = plot_results(rows, out_dir / "throughput.png")
+    return paths
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="internal: peak-memory probe of mlla.benchmark")
+    parser.add_argument("--memory-probe", required=True)
+    _memory_probe_main(parser.parse_args().memory_probe)

@@ -1,0 +1,84 @@
+"""mlla.benchmark and `mlla benchmark`: interleaving, the recorded fields, the files written."""
+import csv
+import json
+
+import pytest
+import torch
+
+import mlla  # noqa: F401
+import mlla.benchmark as bench
+from mlla.cli import main
+
+
+def test_parse_size():
+    assert bench.parse_size("224") == (224, 224)
+    assert bench.parse_size("320x256") == (320, 256)
+    for bad in ("", "0", "12x", "axb", "1x2x3"):
+        with pytest.raises(ValueError, match="image size"):
+            bench.parse_size(bad)
+
+
+def test_rounds_are_interleaved(monkeypatch):
+    order = []
+    real = bench._timed
+
+    def spy(fn, device, calls=1):
+        order.append(fn)
+        return real(fn, device, calls)
+
+    monkeypatch.setattr(bench, "_timed", spy)
+    spec = bench.BenchmarkSpec(["test_mlla"], sizes=[(32, 32)], batch_sizes=[1], dtypes=["fp32", "bf16"],
+                               warmup=1, rounds=3, memory="none", matmul_size=64)
+    rows = bench.run_benchmark(spec, progress=False)
+    assert len(rows) == 2
+    steps = order[-3 * 4:]  # 4 entries (2 matmuls, 2 model variants) in each of 3 rounds
+    assert steps[:4] == steps[4:8] == steps[8:12] and len(set(steps[:4])) == 4
+
+
+def test_rows_hold_throughput_flops_memory_and_environment():
+    spec = bench.BenchmarkSpec(["test_mlla"], sizes=[(64, 48)], batch_sizes=[2], warmup=1, rounds=2,
+                               memory="eager", matmul_size=128, threads=1)
+    (row,) = bench.run_benchmark(spec, progress=False)
+    assert (row["height"], row["width"], row["batch"], row["dtype"], row["backend"]) == (64, 48, 2, "fp32", "eager")
+    assert row["img_per_s"] == pytest.approx(2e3 / row["ms_per_batch"])
+    assert row["ms_min"] <= row["ms_per_batch"] <= row["ms_max"]
+    assert row["gmacs_per_img"] > 0 and row["achieved_gflops"] > 0 and row["matmul_peak_gflops"] > 0
+    assert row["achieved_gflops"] == pytest.approx(2 * row["gmacs_per_img"] * row["img_per_s"])
+    assert row["peak_mem_mib"] > 0
+    assert row["threads"] == 1 == torch.get_num_threads()
+    assert row["torch"] == torch.__version__ and row["cpu"]
+
+
+def test_training_step_mode_counts_three_forward_passes():
+    spec = bench.BenchmarkSpec(["test_mlla"], sizes=[(32, 32)], batch_sizes=[2], mode="train", warmup=1,
+                               rounds=1, memory="none", matmul_size=64)
+    (row,) = bench.run_benchmark(spec, progress=False)
+    assert row["mode"] == "train"
+    assert row["achieved_gflops"] == pytest.approx(3 * 2 * row["gmacs_per_img"] * row["img_per_s"])
+
+
+def test_bad_spec_errors():
+    for kwargs, match in [(dict(models=["no_such_model"]), "unknown model"), (dict(dtypes=["fp8"]), "dtype"),
+                          (dict(backends=["jit"]), "backend"), (dict(task="seg"), "task")]:
+        spec = bench.BenchmarkSpec(**{"models": ["test_mlla"], **kwargs})
+        with pytest.raises(ValueError, match=match):
+            spec.validate()
+
+
+def test_cli_writes_csv_json_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "res"
+    rc = main(["benchmark", "--models", "test_mlla", "--sizes", "32", "48x32", "--batch-sizes", "1",
+               "--rounds", "1", "--warmup", "1", "--memory", "none", "--threads", "1", "--output-dir", str(out)])
+    assert rc == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["height"], r["width"]) for r in rows] == [("32", "32"), ("48", "32")]
+    assert len(json.loads((out / "results.json").read_text())) == 2
+    assert (out / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| test_mlla |" in (out / "table.md").read_text()
+    assert "1 threads" in capsys.readouterr().out
+    assert not list(out.glob("*.tmp"))
+
+
+def test_cli_bad_model_is_a_clean_error(tmp_path, capsys):
+    assert main(["benchmark", "--models", "nope_model", "--output-dir", str(tmp_path)]) == 2
+    assert "unknown model" in capsys.readouterr().err
