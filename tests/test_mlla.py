@@ -180,3 +180,27 @@ def test_bad_input_errors():
         model(torch.randn(1, 64, 64, 3))
     with pytest.raises(ValueError, match="same length"):
         mlla.MLLA(depths=(1, 1), num_heads=(1, 1, 1))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_attention_layer_is_the_unified_operator(grad):
+    """MLLA's fast attention equals mlla.ops.gated_linear_attention with MLLA's settings."""
+    from mlla.layers.attention import MllaLinearAttention
+    from mlla.models.mlla import rope_2d_tables
+    from mlla.ops import gated_linear_attention
+
+    torch.manual_seed(0)
+    B, H, W, C, h = 2, 5, 7, 32, 4
+    layer = MllaLinearAttention(C, h)
+    x = torch.randn(B, H, W, C)
+    cos, sin = rope_2d_tables(H, W, C)
+    with torch.set_grad_enabled(grad):
+        out = layer(x, MllaLinearAttention.head_major_rope(cos, sin, h))
+        qk = torch.nn.functional.elu(layer.qk(x)) + 1  # the authors' channel order
+        q, k = qk.chunk(2, dim=-1)
+        qr, kr = apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin)
+        heads = lambda t: t.reshape(B, H * W, h, C // h)  # noqa: E731  (B, N, H, K)
+        ref = gated_linear_attention(heads(qr), heads(kr), heads(x), q_norm=heads(q), k_norm=heads(k), mode="parallel")
+        ref = ref.reshape(B, H, W, C) + layer.lepe(x)
+    assert out.requires_grad == grad
+    assert torch.allclose(out, ref, atol=1e-5)

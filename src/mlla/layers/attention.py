@@ -1,6 +1,8 @@
 """MLLA's token mixer: non-causal linear attention with RoPE and LePE (SPEC section 3)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -8,6 +10,20 @@ from torch import nn
 from .conv import DepthwiseConvNHWC
 
 __all__ = ["MllaLinearAttention"]
+
+_LOG2_E = math.log2(math.e)
+
+
+def _elu_plus_one(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``ELU(x) + 1 = exp(min(x, 0)) + max(x, 0)``, optionally in place on ``x``.
+
+    On CPUs ``F.elu`` goes through a slow ``expm1`` and ``exp2`` is faster than ``exp``; in place
+    (inference), this makes one temporary instead of three.
+    """
+    positive = x.clamp_min(0.0)
+    if inplace:
+        return x.clamp_max_(0.0).mul_(_LOG2_E).exp2_().add_(positive)
+    return torch.exp2(x.clamp_max(0.0) * _LOG2_E) + positive
 
 
 class MllaLinearAttention(nn.Module):
@@ -18,14 +34,18 @@ class MllaLinearAttention(nn.Module):
 
         out_i = qr_i (sum_j kr_j^T v_j / N) / (q_i . mean_j k_j + 1e-6)
 
-    and the LePE (a depthwise 3x3 convolution of ``v``) is added. The attention runs as batched
-    matmuls on head-major ``(B, h, N, d)`` tensors: one layout copy of ``[q, k]`` and one of ``v``.
+    and the LePE (a depthwise 3x3 convolution of ``v``) is added. This is
+    ``mlla.ops.gated_linear_attention(qr, kr, v, q_norm=q, k_norm=k)`` (a test checks it), written
+    out for speed: the ``q``/``k`` projection rows are taken with the channel pairs of RoPE
+    de-interleaved inside each head (``[a_0 .. a_{d/2-1}, b_0 .. b_{d/2-1}]`` for pairs
+    ``(a_p, b_p)``), which changes no dot product within a head but turns the pair swap into two
+    slices, and the rotation writes its output straight into the head-major layout of the matmuls.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, eps: float = 1e-6) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        if dim % num_heads or (dim // num_heads) % 2:
+            raise ValueError(f"dim {dim} must split into num_heads {num_heads} heads of even size")
         self.num_heads = num_heads
         self.eps = eps
         self.qk = nn.Linear(dim, 2 * dim, bias=qkv_bias)
@@ -33,32 +53,57 @@ class MllaLinearAttention(nn.Module):
 
     @staticmethod
     def head_major_rope(cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE tables ``(H, W, 2C)`` over ``[q, k]`` -> ``(2, 1, h, N, d)``, the layout of ``forward``."""
-        H, W, _ = cos.shape
+        """RoPE tables ``(H, W, C)`` of :func:`mlla.ops.rope_2d_tables` -> ``(h, N, d/2)`` each.
 
-        def layout(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(H * W, 2, num_heads, -1).permute(1, 2, 0, 3).unsqueeze(1).contiguous()
+        Entry ``[i, n, p]`` is the cosine / sine of token ``n``'s angle for pair ``p`` of head ``i``.
+        """
+        H, W, C = cos.shape
 
-        return layout(cos), layout(sin)
+        def per_pair(t: torch.Tensor) -> torch.Tensor:  # (H, W, C) -> (h, N, d/2), one value per pair
+            return t.reshape(H * W, num_heads, C // num_heads // 2, 2)[..., 1].transpose(0, 1).contiguous()
+
+        return per_pair(cos), per_pair(sin)
+
+    def _deinterleaved_qk(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The q/k projection with each head's channel pairs de-interleaved: a view and a copy."""
+        C = self.qk.in_features
+        d = C // self.num_heads
+
+        def reorder(t: torch.Tensor) -> torch.Tensor:  # rows (2, h, d/2, 2) -> (2, h, 2, d/2)
+            return t.reshape(2, self.num_heads, d // 2, 2, *t.shape[1:]).transpose(2, 3).reshape(t.shape)
+
+        bias = self.qk.bias
+        return reorder(self.qk.weight), None if bias is None else reorder(bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``x: (B, H, W, C)``, ``rope``: tables from :meth:`head_major_rope` -> ``(B, H, W, C)``."""
         B, H, W, C = x.shape
-        N, h = H * W, self.num_heads
-        qk = F.elu(self.qk(x)).add_(1.0)  # (B, H, W, 2C)
-        qk = qk.view(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4).contiguous()  # (2, B, h, N, d)
-        # RoPE in float32: (a, b) -> (a cos - b sin, a sin + b cos) per channel pair.
-        cos, sin = rope
-        qkf = qk.float()
-        swapped = qkf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-        qk_rot = torch.addcmul(qkf * cos, swapped, sin).to(qk.dtype)
-        q, k = qk.unbind(0)  # (B, h, N, d) each
-        q_rot, k_rot = qk_rot.unbind(0)
-        v = x.view(B, N, h, C // h).transpose(1, 2)  # (B, h, N, d)
+        N, h, d = H * W, self.num_heads, C // self.num_heads
+        qk = F.linear(x, *self._deinterleaved_qk())  # (B, H, W, 2C), pairs de-interleaved
+        # In-place kernels for eager inference; functional ones for autograd and the compiler.
+        inplace = not qk.requires_grad and not torch.compiler.is_compiling()
+        qk = _elu_plus_one(qk, inplace=inplace)
+        qk = qk.view(B, N, 2, h, d)
+        q, k = qk.unbind(2)  # (B, N, h, d) views
 
-        z = 1.0 / (q @ k.mean(dim=2, keepdim=True).transpose(-1, -2) + self.eps)  # (B, h, N, 1)
+        z = (q * k.mean(dim=1, keepdim=True)).sum(-1).add_(self.eps).reciprocal_()  # (B, N, h)
+
+        # RoPE, (a, b) -> (a cos - b sin, a sin + b cos), written head-major: (2, B, h, N, d).
+        cos, sin = rope
+        src = qk.permute(2, 0, 3, 1, 4)  # (2, B, h, N, d) view
+        a, b = src[..., : d // 2], src[..., d // 2:]
+        if not inplace:
+            rot = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+        else:  # write both halves in place, no temporaries
+            rot = torch.empty(src.shape, dtype=torch.promote_types(qk.dtype, cos.dtype), device=x.device)
+            rot_a, rot_b = rot[..., : d // 2], rot[..., d // 2:]
+            torch.mul(a, cos, out=rot_a).addcmul_(b, sin, value=-1.0)
+            torch.mul(a, sin, out=rot_b).addcmul_(b, cos)
+        q_rot, k_rot = rot.to(qk.dtype).unbind(0)  # (B, h, N, d)
+
+        v = x.view(B, N, h, d).transpose(1, 2)  # (B, h, N, d)
         kv = (k_rot.transpose(-1, -2) @ v) / N  # (B, h, d, d)
-        out = (q_rot @ kv) * z  # (B, h, N, d)
+        out = (q_rot @ kv) * z.transpose(1, 2).unsqueeze(-1)  # (B, h, N, d)
         lepe = self.lepe(x)  # (B, H, W, C), a fresh tensor: add the attention into it
-        lepe.view(B, N, h, C // h).transpose(1, 2).add_(out)
+        lepe.view(B, N, h, d).transpose(1, 2).add_(out)
         return lepe

@@ -63,5 +63,7 @@ class DepthwiseConvNHWC(nn.Conv2d):
         return self.weight + F.pad(torch.ones_like(self.weight[:, :, :1, :1]), (p, p, p, p))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)  # a no-op for NHWC tokens
+        # A no-op for contiguous NHWC tokens; a strided view (a chunk of a wider projection) is
+        # copied in its own layout, much faster than a channels-last copy of the permuted view.
+        x = x.contiguous().permute(0, 3, 1, 2)
         return F.conv2d(x, self.kernel(), self.bias, padding=self.padding, groups=self.groups).permute(0, 2, 3, 1)

@@ -63,8 +63,8 @@ class MllaStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        # RoPE over the concatenated [q, k] channels, computed once for this grid and stage.
-        rope = rope_2d_tables(x.shape[1], x.shape[2], self.dim, repeats=2, device=x.device)
+        # RoPE tables, computed once for this grid and stage.
+        rope = rope_2d_tables(x.shape[1], x.shape[2], self.dim, device=x.device)
         rope = MllaLinearAttention.head_major_rope(*rope, self.num_heads)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
