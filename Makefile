@@ -12,4 +12,4 @@ test: setup
 	.venv/bin/python -m pytest -n 2 --durations=15 -q
 
 bench: setup
-	.venv/bin/python benchmarks/run_all.py
+	.venv/bin/python benchmarks/inference.py

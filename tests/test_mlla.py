@@ -204,3 +204,14 @@ def test_attention_layer_is_the_unified_operator(grad):
         ref = ref.reshape(B, H, W, C) + layer.lepe(x)
     assert out.requires_grad == grad
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_inplace_inference_path_equals_autograd_path():
+    """Eager inference runs in place; it must give what the autograd (functional) path gives."""
+    model = timm.create_model("test_mlla", num_classes=6).eval()
+    x = torch.randn(2, 3, 72, 88)
+    with torch.no_grad():
+        fast = model(x)
+    slow = model(x)
+    assert slow.requires_grad
+    assert torch.allclose(fast, slow, atol=1e-6)

@@ -14,16 +14,16 @@ __all__ = ["MllaLinearAttention"]
 _LOG2_E = math.log2(math.e)
 
 
-def _elu_plus_one(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+def _elu_plus_one(x: torch.Tensor, inplace: bool = False, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """``ELU(x) + 1 = exp(min(x, 0)) + max(x, 0)``, optionally in place on ``x``.
 
-    On CPUs ``F.elu`` goes through a slow ``expm1`` and ``exp2`` is faster than ``exp``; in place
-    (inference), this makes one temporary instead of three.
+    On CPUs ``F.elu`` goes through a slow ``expm1`` and ``exp2`` is faster than ``exp``. In place
+    (inference), with a ``scratch`` tensor of ``x``'s shape, it allocates nothing.
     """
-    positive = x.clamp_min(0.0)
-    if inplace:
-        return x.clamp_max_(0.0).mul_(_LOG2_E).exp2_().add_(positive)
-    return torch.exp2(x.clamp_max(0.0) * _LOG2_E) + positive
+    if not inplace:
+        return torch.exp2(x.clamp_max(0.0) * _LOG2_E) + x.clamp_min(0.0)
+    positive = torch.clamp_min(x, 0.0, out=scratch) if scratch is not None else x.clamp_min(0.0)
+    return x.clamp_max_(0.0).mul_(_LOG2_E).exp2_().add_(positive)
 
 
 class MllaLinearAttention(nn.Module):
@@ -80,22 +80,28 @@ class MllaLinearAttention(nn.Module):
         B, H, W, C = x.shape
         N, h, d = H * W, self.num_heads, C // self.num_heads
         qk = F.linear(x, *self._deinterleaved_qk())  # (B, H, W, 2C), pairs de-interleaved
-        # In-place kernels for eager inference; functional ones for autograd and the compiler.
+        cos, sin = rope
+        # Eager inference works in place, using the RoPE output buffer as scratch space before it
+        # is written (fewer large allocations); autograd and the compiler get the functional form.
         inplace = not qk.requires_grad and not torch.compiler.is_compiling()
-        qk = _elu_plus_one(qk, inplace=inplace)
-        qk = qk.view(B, N, 2, h, d)
+        rot = scratch = None
+        if inplace:
+            rot = torch.empty((2, B, h, N, d), dtype=torch.promote_types(qk.dtype, cos.dtype), device=x.device)
+            scratch = rot.view(qk.shape) if rot.dtype == qk.dtype else None
+        qk = _elu_plus_one(qk, inplace=inplace, scratch=scratch).view(B, N, 2, h, d)
         q, k = qk.unbind(2)  # (B, N, h, d) views
 
-        z = (q * k.mean(dim=1, keepdim=True)).sum(-1).add_(self.eps).reciprocal_()  # (B, N, h)
+        q_dot_kmean = q * k.mean(dim=1, keepdim=True) if scratch is None else torch.mul(
+            q, k.mean(dim=1, keepdim=True), out=scratch.view(-1)[: q.numel()].view(q.shape)
+        )
+        z = q_dot_kmean.sum(-1).add_(self.eps).reciprocal_()  # (B, N, h)
 
         # RoPE, (a, b) -> (a cos - b sin, a sin + b cos), written head-major: (2, B, h, N, d).
-        cos, sin = rope
         src = qk.permute(2, 0, 3, 1, 4)  # (2, B, h, N, d) view
         a, b = src[..., : d // 2], src[..., d // 2:]
-        if not inplace:
+        if rot is None:
             rot = torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
-        else:  # write both halves in place, no temporaries
-            rot = torch.empty(src.shape, dtype=torch.promote_types(qk.dtype, cos.dtype), device=x.device)
+        else:
             rot_a, rot_b = rot[..., : d // 2], rot[..., d // 2:]
             torch.mul(a, cos, out=rot_a).addcmul_(b, sin, value=-1.0)
             torch.mul(a, sin, out=rot_b).addcmul_(b, cos)
@@ -103,7 +109,8 @@ class MllaLinearAttention(nn.Module):
 
         v = x.view(B, N, h, d).transpose(1, 2)  # (B, h, N, d)
         kv = (k_rot.transpose(-1, -2) @ v) / N  # (B, h, d, d)
-        out = (q_rot @ kv) * z.transpose(1, 2).unsqueeze(-1)  # (B, h, N, d)
+        out = q_rot @ kv  # (B, h, N, d)
+        out = out.mul_(z.transpose(1, 2).unsqueeze(-1)) if inplace else out * z.transpose(1, 2).unsqueeze(-1)
         lepe = self.lepe(x)  # (B, H, W, C), a fresh tensor: add the attention into it
         lepe.view(B, N, h, d).transpose(1, 2).add_(out)
         return lepe

@@ -49,9 +49,16 @@ class MllaBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``x: (B, H, W, C)``, ``rope``: RoPE tables (see ``MllaLinearAttention``) -> ``(B, H, W, C)``."""
         x = self.cpe1(x)
+        # Eager inference reuses fresh tensors in place (fewer large allocations on CPUs);
+        # autograd and the compiler get the functional form.
+        inplace = not x.requires_grad and not torch.compiler.is_compiling()
         y, gate = self.in_proj(self.norm1(x)).chunk(2, dim=-1)
-        y = self.attn(F.silu(self.dwconv(y)), rope)
-        x = x + self.drop_path(self.out_proj(y * F.silu(gate)))
+        y = self.attn(F.silu(self.dwconv(y), inplace=inplace), rope)
+        y = y.mul_(F.silu(gate, inplace=True)) if inplace else y * F.silu(gate)
+        x = self.drop_path(self.out_proj(y)).add_(x) if inplace else x + self.drop_path(self.out_proj(y))
         x = self.cpe2(x)
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
-        return x
+        if inplace:
+            hidden = self.mlp.fc1(self.norm2(x))
+            torch.ops.aten.gelu_(hidden)  # the MLP is fc1 -> GELU -> fc2 (no dropout, no norm)
+            return self.drop_path(self.mlp.fc2(hidden)).add_(x)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
