@@ -25,10 +25,9 @@ def reference_case(name: str) -> dict:
     return dict(state_dict=state_dict, input=tensors["input"], outputs=outputs, config=config, kind=info["kind"])
 
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # One intra-op thread per xdist worker: the workers already fill the cores, and
-    # oversubscribed threads make small models many times slower.
-    torch.set_num_threads(1)
+# One intra-op thread per test process: `make test` runs two pytest workers on two cores, and
+# oversubscribed threads make the small test models many times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

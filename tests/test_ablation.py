@@ -19,15 +19,6 @@ SMALL = dict(embed_dim=16, depths=(1, 1, 1, 1), num_classes=7, img_size=64)
 OUTSIDE_PAPER_TOLERANCE = {"ablation_block_all"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids oversubscribing the shared cores (40x slower when busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _small(name: str, **kwargs) -> torch.nn.Module:
     heads = {} if name == "ablation_single_head" else dict(num_heads=(1, 2, 2, 4))
     return mlla.create_model(name, **dict(SMALL, **heads, **kwargs))

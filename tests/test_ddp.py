@@ -14,14 +14,6 @@ from mlla.data import DEMO_CLASSES, make_demo_dataset
 from mlla.engine import TrainConfig, fit, save_yaml
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_two_gloo_processes_match_one_process_with_the_same_total_batch(tmp_path):
     data = make_demo_dataset(tmp_path / "data", 8, 2, classes=DEMO_CLASSES[:4], progress=False)
     # Augmentation and other per-process randomness off; EMA, MESA and clipping on. SGD rather

@@ -18,15 +18,6 @@ from mlla.engine import TrainConfig, fit
 from mlla.engine import trainer as trainer_module
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the suite runs two test processes on two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(data: Path, output: Path, **kw) -> TrainConfig:
     base = dict(
         model="test_mlla", data_dir=str(data), output=str(output), epochs=2, batch_size=4, img_size=32,

@@ -20,14 +20,6 @@ SMALL = dict(embed_dim=32, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8))  # manif
 SMALL_ARGS = ["--model-kwargs", "embed_dim=32", "depths=1,2,2,1", "num_heads=1,2,4,8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def authors_checkpoint(tmp_path_factory) -> Path:
     """The reference weights in the authors' training-checkpoint layout: a ``.pth`` with ``model``."""

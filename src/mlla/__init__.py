@@ -10,6 +10,8 @@ from .models import MLLA, PAPER_RESULTS, checkpoint_filter_fn, create_model, lis
 __version__ = "0.1.0"
 
 __all__ = [
+    "cli",
+    "models",
     "MLLA",
     "PAPER_RESULTS",
     "CheckpointError",

@@ -3,4 +3,4 @@ from . import ablation
 from .mlla import MLLA, MllaStage, checkpoint_filter_fn
 from .registry import PAPER_RESULTS, create_model, list_models
 
-__all__ = ["MLLA", "MllaStage", "PAPER_RESULTS", "checkpoint_filter_fn", "create_model", "list_models"]
+__all__ = ["MLLA", "ablation", "MllaStage", "PAPER_RESULTS", "checkpoint_filter_fn", "create_model", "list_models"]
