@@ -406,14 +406,17 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Pat
 
     from .checkpoint import atomic_save
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
     lines: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         lines.setdefault((r["model"], r["dtype"], r["backend"], r["task"], r["mode"], r["batch"]), []).append(r)
+    # One colour per model, line style per backend, marker per task: variants of a model read together.
+    colours = {m: f"C{i % 10}" for i, m in enumerate(sorted({k[0] for k in lines}))}
     for key, rs in sorted(lines.items()):
         rs = sorted(rs, key=lambda r: r["height"] * r["width"])
         mpix = [r["height"] * r["width"] / 1e6 for r in rs]
-        ax.plot(mpix, [r["img_per_s"] for r in rs], marker="o", linestyle="--" if key[2] == "compile" else "-",
+        ax.plot(mpix, [r["img_per_s"] for r in rs], color=colours[key[0]], marker="o" if key[3] == "cls" else "s",
+                linestyle="--" if key[2] == "compile" else "-",
                 label=f"{key[0]} {key[1]} {key[2]} ({key[3]}, {key[4]}, batch {key[5]})")
     env = rows[0] if rows else {}
     ax.set_xscale("log")
@@ -422,7 +425,7 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Pat
     ax.set_ylabel("throughput (img/s)")
     ax.set_title(f"{env.get('cpu', '')} - {env.get('threads', '')} threads, {env.get('device', '')}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
