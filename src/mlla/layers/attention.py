@@ -107,7 +107,7 @@ class MllaLinearAttention(nn.Module):
             torch.mul(a, sin, out=rot_b).addcmul_(b, cos)
         q_rot, k_rot = rot.to(qk.dtype).unbind(0)  # (B, h, N, d)
 
-        v = x.view(B, N, h, d).transpose(1, 2)  # (B, h, N, d)
+        v = x.reshape(B, N, h, d).transpose(1, 2)  # (B, h, N, d)
         kv = (k_rot.transpose(-1, -2) @ v) / N  # (B, h, d, d)
         out = q_rot @ kv  # (B, h, N, d)
         out = out.mul_(z.transpose(1, 2).unsqueeze(-1)) if inplace else out * z.transpose(1, 2).unsqueeze(-1)
