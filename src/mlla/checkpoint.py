@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "read_checkpoint", "save_state_dict"]
+__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "read_checkpoint", "save_state_dict", "unwrap_state_dict"]
 
 _logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def load_checkpoint(
     state_dict = read_checkpoint(path, trust_pickle=trust_pickle)
     filter_fn = _filter_fn_for(target)
     try:
-        state_dict = filter_fn(state_dict, target) if filter_fn else _plain_state_dict(state_dict)
+        state_dict = filter_fn(state_dict, target) if filter_fn else unwrap_state_dict(state_dict)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from e
     own = target.state_dict()
@@ -106,11 +106,32 @@ def load_checkpoint(
     return model
 
 
-def _plain_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
-    for key in ("model", "state_dict"):
-        if isinstance(state_dict.get(key), dict):
+def unwrap_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint: under its ``model``/``state_dict``/EMA key if it has one, with
+    ``module.``/``model.``/``_orig_mod.``/``backbone.`` prefixes stripped and, in an mmdet/mmseg
+    checkpoint, everything outside ``backbone.`` dropped (counted and logged)."""
+    for key in ("model", "state_dict", "model_ema", "state_dict_ema"):
+        if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
-    return {k.removeprefix("module."): v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+            break
+    prefixes = ("module.", "model.", "_orig_mod.", "backbone.")
+    out = {}
+    dropped = 0
+    has_backbone = any(k.startswith("backbone.") for k in state_dict)
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            dropped += 1
+            continue
+        if has_backbone and not k.startswith("backbone."):
+            dropped += 1  # neck / detection heads of an mmdet/mmseg checkpoint
+            continue
+        for p in prefixes:
+            if k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    if dropped:
+        _logger.info("checkpoint: ignored %d entries that are not backbone weights", dropped)
+    return out
 
 
 def atomic_save(write: Callable[[str], None], path: str | os.PathLike) -> Path:

@@ -24,6 +24,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..checkpoint import unwrap_state_dict
 from ..layers import MllaBlock, MllaDownsample, MllaLinearAttention, MllaStem
 from ..ops.rope import rope_2d_tables
 
@@ -305,32 +306,6 @@ _DOWNSAMPLE_RE = re.compile(r"^layers\.(\d+)\.downsample\.(conv\.\d\.(?:conv|nor
 _SPLIT_PROJ_RE = re.compile(r"^(stages\.\d+\.blocks\.\d+)\.(in_proj|act_proj)\.(weight|bias)$")
 
 
-def _unwrap_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Take the weights out of a training checkpoint (``model``/``state_dict`` keys, prefixes)."""
-    for key in ("model", "state_dict", "model_ema", "state_dict_ema"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    prefixes = ("module.", "model.", "_orig_mod.", "backbone.")
-    out = {}
-    dropped = 0
-    has_backbone = any(k.startswith("backbone.") for k in state_dict)
-    for k, v in state_dict.items():
-        if not isinstance(v, torch.Tensor):
-            dropped += 1
-            continue
-        if has_backbone and not k.startswith("backbone."):
-            dropped += 1  # neck / detection heads of an mmdet/mmseg checkpoint
-            continue
-        for p in prefixes:
-            if k.startswith(p):
-                k = k[len(p):]
-        out[k] = v
-    if dropped:
-        _logger.info("checkpoint: ignored %d entries that are not backbone weights", dropped)
-    return out
-
-
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Map an MLLA checkpoint in the authors' layout (or ours) to this implementation.
 
@@ -342,7 +317,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module | None = N
     layout (``stage_norms`` vs ``norm``/``head``) are taken from the model, and every shape is
     checked, raising :class:`ValueError` that lists the mismatches.
     """
-    state_dict = _unwrap_state_dict(state_dict)
+    state_dict = unwrap_state_dict(state_dict)
     if any(k.startswith("patch_embed.") for k in state_dict):
         state_dict = _convert_authors_layout(state_dict)
     if model is not None:
