@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--allocator", default="default", choices=["default", "retain"],
+                   help="CPU allocator setting for all models alike (default: %(default)s, see mlla.runtime)")
     p.add_argument("--parts", nargs="+", type=int, default=[1, 2, 3], help="which parts to run")
     p.add_argument("--quick", action="store_true", help="development run: batch 8, 1024^2 only, 3 rounds, eager")
     p.add_argument("--output-dir", default=str(Path(__file__).parent / "results" / "inference"))
@@ -91,11 +93,12 @@ def summary(rows: list[dict], args: argparse.Namespace, bf16: dict | None) -> st
         mem = ratio(rows, (m, "eager", "features", hi), (m, "eager", "features", lo), "peak_mem_mib")
         checks += [(f"time {hi}^2 / {lo}^2 (pixels x{px:.1f})", t, "< 4.6"), (f"peak memory {hi}^2 / {lo}^2", mem, "< 4.6")]
     env = environment(args.device)
+    allocator = rows[0]["allocator"] if rows else args.allocator
     lines = [
         f"# {m} speed summary",
         "",
         f"{env['cpu']}, {env['threads']} threads, device {env['device']}; torch {env['torch']}, timm {env['timm']}; "
-        f"medians of {args.rounds} interleaved rounds, fp32.",
+        f"medians of {args.rounds} interleaved rounds, fp32; allocator: {allocator} (all models alike).",
         "",
         "| ratio | measured | target |",
         "|---|---|---|",
@@ -111,7 +114,7 @@ def summary(rows: list[dict], args: argparse.Namespace, bf16: dict | None) -> st
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     common = dict(dtypes=args.dtypes, backends=args.backends, rounds=args.rounds, warmup=args.warmup,
-                  threads=args.threads, device=args.device)
+                  threads=args.threads, device=args.device, allocator=args.allocator)
     out = Path(args.output_dir)
     rows: list[dict] = []
     paths: dict[str, Path] = {}

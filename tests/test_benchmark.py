@@ -47,6 +47,7 @@ def test_rows_hold_throughput_flops_memory_and_environment():
     assert row["peak_mem_mib"] > 0
     assert row["threads"] == 1 == torch.get_num_threads()
     assert row["torch"] == torch.__version__ and row["cpu"]
+    assert row["allocator"] == "default"
 
 
 def test_training_step_mode_counts_three_forward_passes():
@@ -59,7 +60,8 @@ def test_training_step_mode_counts_three_forward_passes():
 
 def test_bad_spec_errors():
     for kwargs, match in [(dict(models=["no_such_model"]), "unknown model"), (dict(dtypes=["fp8"]), "dtype"),
-                          (dict(backends=["jit"]), "backend"), (dict(task="seg"), "task")]:
+                          (dict(backends=["jit"]), "backend"), (dict(task="seg"), "task"),
+                          (dict(allocator="jemalloc"), "allocator")]:
         spec = bench.BenchmarkSpec(**{"models": ["test_mlla"], **kwargs})
         with pytest.raises(ValueError, match=match):
             spec.validate()

@@ -8,7 +8,7 @@ import timm
 import torch
 
 import mlla
-from mlla.ops.rope import apply_rope_2d, rope_2d_tables
+from mlla.ops.rope import apply_rope_2d, rope_2d_head_tables, rope_2d_tables
 from mlla.profiling import model_stats
 
 # (params M, GMACs at 224) of the authors' code, SPEC section 3.
@@ -154,11 +154,17 @@ def test_rope_matches_complex_rotation_and_is_computed_once_per_stage(monkeypatc
     assert torch.allclose(apply_rope_2d(x, cos, sin), ref.reshape(2, h, w, c), atol=1e-5)
     assert cos.dtype == torch.float32 and not cos.is_complex()
 
+    # The head-major per-pair tables the model uses hold the same angles.
+    heads = 2
+    head_cos, head_sin = rope_2d_head_tables(h, w, c, heads)
+    per_pair = lambda t: t.reshape(h * w, heads, c // heads // 2, 2)[..., 1].transpose(0, 1)  # noqa: E731
+    assert torch.allclose(head_cos, per_pair(cos), atol=1e-6) and torch.allclose(head_sin, per_pair(sin), atol=1e-6)
+
     import mlla.models.mlla as mlla_module
 
     calls = []
-    original = mlla_module.rope_2d_tables
-    monkeypatch.setattr(mlla_module, "rope_2d_tables", lambda *a, **k: calls.append(a) or original(*a, **k))
+    original = mlla_module.rope_2d_head_tables
+    monkeypatch.setattr(mlla_module, "rope_2d_head_tables", lambda *a, **k: calls.append(a) or original(*a, **k))
     model = timm.create_model("test_mlla", depths=(2, 2, 3, 2))
     model(torch.randn(1, 3, 64, 64))
     assert len(calls) == 4  # once per stage, shared by the stage's blocks
@@ -186,7 +192,6 @@ def test_bad_input_errors():
 def test_attention_layer_is_the_unified_operator(grad):
     """MLLA's fast attention equals mlla.ops.gated_linear_attention with MLLA's settings."""
     from mlla.layers.attention import MllaLinearAttention
-    from mlla.models.mlla import rope_2d_tables
     from mlla.ops import gated_linear_attention
 
     torch.manual_seed(0)
@@ -195,7 +200,7 @@ def test_attention_layer_is_the_unified_operator(grad):
     x = torch.randn(B, H, W, C)
     cos, sin = rope_2d_tables(H, W, C)
     with torch.set_grad_enabled(grad):
-        out = layer(x, MllaLinearAttention.head_major_rope(cos, sin, h))
+        out = layer(x, rope_2d_head_tables(H, W, C, h))
         qk = torch.nn.functional.elu(layer.qk(x)) + 1  # the authors' channel order
         q, k = qk.chunk(2, dim=-1)
         qr, kr = apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin)
@@ -206,12 +211,17 @@ def test_attention_layer_is_the_unified_operator(grad):
     assert torch.allclose(out, ref, atol=1e-5)
 
 
-def test_inplace_inference_path_equals_autograd_path():
-    """Eager inference runs in place; it must give what the autograd (functional) path gives."""
+@pytest.mark.parametrize("chunk_tokens", [None, 7])
+def test_inplace_inference_path_equals_autograd_path(monkeypatch, chunk_tokens):
+    """Eager inference runs in place, in token chunks; it must give what the autograd path gives."""
+    import mlla.layers.block as block_module
+
     model = timm.create_model("test_mlla", num_classes=6).eval()
+    if chunk_tokens:  # 7-token chunks of the 4C-wide MLP hidden layer: many chunks and a remainder
+        monkeypatch.setattr(block_module, "INFERENCE_CHUNK_BYTES", chunk_tokens * 4 * model.stages[0].dim * 4)
     x = torch.randn(2, 3, 72, 88)
     with torch.no_grad():
         fast = model(x)
     slow = model(x)
     assert slow.requires_grad
-    assert torch.allclose(fast, slow, atol=1e-6)
+    assert torch.allclose(fast, slow, atol=1e-5)

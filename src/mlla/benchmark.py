@@ -10,7 +10,12 @@ Peak memory is the growth of one call over what the model and input already hold
 ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call; on CPU the
 growth of the resident set's high-water mark (Linux ``VmHWM``, reset through
 ``/proc/self/clear_refs``) during one call after a warm-up call, measured in a fresh process per
-model so that no other model's freed memory hides it.
+model so that no other model's freed memory hides it (and with the default allocator, whatever the
+timing runs use).
+
+``allocator="retain"`` times CPU runs with :func:`mlla.runtime.retain_freed_memory` applied to the
+whole process (all models alike), as a server tuned for inference would run; it is recorded in
+every row.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .runtime import retain_freed_memory
+
 __all__ = [
     "BenchmarkSpec",
     "Variant",
@@ -50,6 +57,8 @@ __all__ = [
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TASKS = ("cls", "features")
 MODES = ("infer", "train")
+#: "default": the C library's allocator as configured; "retain": :func:`mlla.runtime.retain_freed_memory`.
+ALLOCATORS = ("default", "retain")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -98,6 +107,7 @@ class BenchmarkSpec:
     memory: str = "eager"
     fuse: bool = True
     matmul_size: int = 2048
+    allocator: str = "default"
 
     def validate(self) -> None:
         if not self.models:
@@ -112,6 +122,8 @@ class BenchmarkSpec:
             raise ValueError(f"unknown task {self.task!r}; choose from {TASKS}")
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {MODES}")
+        if self.allocator not in ALLOCATORS:
+            raise ValueError(f"unknown allocator setting {self.allocator!r}; choose from {ALLOCATORS}")
         if self.memory not in ("none", "eager", "all"):
             raise ValueError(f"memory must be 'none', 'eager' or 'all', got {self.memory!r}")
         if self.rounds < 1 or self.warmup < 1 or min(self.batch_sizes) < 1:
@@ -257,6 +269,7 @@ def run_benchmark(spec: BenchmarkSpec, progress: bool = True) -> list[dict[str, 
         torch.set_num_threads(spec.threads)
     device = torch.device(spec.device)
     env = environment(spec.device)
+    env["allocator"] = "retain" if spec.allocator == "retain" and device.type == "cpu" and retain_freed_memory() else "default"
     rows: list[dict[str, Any]] = []
     variants = spec.variants()
     groups = [(s, b) for s in spec.sizes for b in spec.batch_sizes]
@@ -375,7 +388,7 @@ def _memory_probe_main(payload: str) -> None:
 COLUMNS = [
     "model", "task", "mode", "dtype", "backend", "height", "width", "batch", "img_per_s", "ms_per_batch",
     "ms_min", "ms_max", "gmacs_per_img", "achieved_gflops", "matmul_peak_gflops", "pct_of_peak", "peak_mem_mib",
-    "rounds", "calls_per_round", "threads", "device", "cpu", "machine", "torch", "timm", "mlla",
+    "rounds", "calls_per_round", "threads", "allocator", "device", "cpu", "machine", "torch", "timm", "mlla",
 ]
 
 

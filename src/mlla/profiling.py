@@ -19,13 +19,15 @@ def count_gmacs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 22
     """GMACs of one forward pass per image: ``torch.utils.flop_counter`` FLOPs / 2 / 1e9.
 
     Counts matmuls and convolutions (elementwise ops are not counted), as the paper's figures.
-    The model runs on whatever device its parameters are on, the meta device included.
+    The model runs on whatever device its parameters are on, the meta device included, with
+    autograd on: models then take their functional path, not in-place inference shortcuts
+    (such as in-place matmul accumulation) that the counter does not see.
     """
     param = next(model.parameters())
     x = torch.zeros(batch_size, *input_size, device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     model.train(was_training)
     return counter.get_total_flops() / 2 / 1e9 / batch_size

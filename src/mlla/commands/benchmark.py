@@ -27,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--memory", default="eager", choices=["none", "eager", "all"],
                    help="measure peak memory for eager variants, all variants, or none (default: eager)")
+    p.add_argument("--allocator", default="default", choices=["default", "retain"],
+                   help="CPU: 'retain' keeps freed memory in the process for reuse (mlla.runtime.retain_freed_memory), "
+                        "for all models alike (default: %(default)s)")
     p.add_argument("--no-fuse", action="store_true", help="do not call model.fuse() (BatchNorm folding) for inference")
     p.add_argument("--output-dir", default="benchmark-results", help="where to write the results (default: %(default)s)")
     p.add_argument("--no-plot", action="store_true", help="skip throughput.png")
@@ -51,6 +54,7 @@ def spec_from_args(args: argparse.Namespace):
         device=args.device,
         memory=args.memory,
         fuse=not args.no_fuse,
+        allocator=args.allocator,
     )
 
 

@@ -51,19 +51,6 @@ class MllaLinearAttention(nn.Module):
         self.qk = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.lepe = DepthwiseConvNHWC(dim)
 
-    @staticmethod
-    def head_major_rope(cos: torch.Tensor, sin: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE tables ``(H, W, C)`` of :func:`mlla.ops.rope_2d_tables` -> ``(h, N, d/2)`` each.
-
-        Entry ``[i, n, p]`` is the cosine / sine of token ``n``'s angle for pair ``p`` of head ``i``.
-        """
-        H, W, C = cos.shape
-
-        def per_pair(t: torch.Tensor) -> torch.Tensor:  # (H, W, C) -> (h, N, d/2), one value per pair
-            return t.reshape(H * W, num_heads, C // num_heads // 2, 2)[..., 1].transpose(0, 1).contiguous()
-
-        return per_pair(cos), per_pair(sin)
-
     def _deinterleaved_qk(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The q/k projection with each head's channel pairs de-interleaved: a view and a copy."""
         C = self.qk.in_features
@@ -76,7 +63,7 @@ class MllaLinearAttention(nn.Module):
         return reorder(self.qk.weight), None if bias is None else reorder(bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """``x: (B, H, W, C)``, ``rope``: tables from :meth:`head_major_rope` -> ``(B, H, W, C)``."""
+        """``x: (B, H, W, C)``, ``rope``: tables of :func:`mlla.ops.rope_2d_head_tables` -> ``(B, H, W, C)``."""
         B, H, W, C = x.shape
         N, h, d = H * W, self.num_heads, C // self.num_heads
         qk = F.linear(x, *self._deinterleaved_qk())  # (B, H, W, 2C), pairs de-interleaved

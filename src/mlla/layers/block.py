@@ -9,7 +9,17 @@ from torch import nn
 from .attention import MllaLinearAttention
 from .conv import DepthwiseConvNHWC
 
-__all__ = ["MllaBlock"]
+__all__ = ["INFERENCE_CHUNK_BYTES", "MllaBlock"]
+
+#: Size of the widest activation chunk (the MLP hidden layer) in eager inference.
+INFERENCE_CHUNK_BYTES = 4 << 20
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 class MllaBlock(nn.Module):
@@ -49,16 +59,53 @@ class MllaBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``x: (B, H, W, C)``, ``rope``: RoPE tables (see ``MllaLinearAttention``) -> ``(B, H, W, C)``."""
         x = self.cpe1(x)
-        # Eager inference reuses fresh tensors in place (fewer large allocations on CPUs);
-        # autograd and the compiler get the functional form.
-        inplace = not x.requires_grad and not torch.compiler.is_compiling()
+        if self._inference_path_applies(x):
+            return self._forward_inference(x, rope)
         y, gate = self.in_proj(self.norm1(x)).chunk(2, dim=-1)
-        y = self.attn(F.silu(self.dwconv(y), inplace=inplace), rope)
-        y = y.mul_(F.silu(gate, inplace=True)) if inplace else y * F.silu(gate)
-        x = self.drop_path(self.out_proj(y)).add_(x) if inplace else x + self.drop_path(self.out_proj(y))
+        y = self.attn(F.silu(self.dwconv(y)), rope)
+        x = x + self.drop_path(self.out_proj(y * F.silu(gate)))
         x = self.cpe2(x)
-        if inplace:
-            hidden = self.mlp.fc1(self.norm2(x))
-            torch.ops.aten.gelu_(hidden)  # the MLP is fc1 -> GELU -> fc2 (no dropout, no norm)
-            return self.drop_path(self.mlp.fc2(hidden)).add_(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _inference_path_applies(self, x: torch.Tensor) -> bool:
+        """Eager, no autograd, no autocast (its casts skip ``out=`` ops), no stochastic depth."""
+        return not (
+            x.requires_grad
+            or torch.compiler.is_compiling()
+            or _autocast_enabled(x.device.type)
+            or (self.training and not isinstance(self.drop_path, nn.Identity))
+        )
+
+    def _forward_inference(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """:meth:`forward` for eager inference: in place, the token-wise parts in chunks of tokens.
+
+        The norms, projections and MLP act on each token alone, so they run on chunks of
+        about :data:`INFERENCE_CHUNK_BYTES` of activations and add their results into the
+        residual stream in place. Large activations (the ``4 C`` MLP hidden layer above all)
+        are then never materialised whole: they stay in cache and are not re-allocated from
+        the operating system at every call, which on CPUs costs as much as the arithmetic at
+        high resolution. ``x`` is ``cpe1``'s fresh output and is updated in place.
+        """
+        B, H, W, C = x.shape
+        x = x.contiguous()
+        tokens = x.view(-1, C)
+        step = max(1, INFERENCE_CHUNK_BYTES // (4 * C * x.element_size()))
+        # The input and gate projections go to separate contiguous tensors (no copy before dwconv).
+        y, gate = torch.empty((2, *tokens.shape), dtype=x.dtype, device=x.device)
+        (w_y, w_gate), (b_y, b_gate) = self.in_proj.weight.chunk(2), self.in_proj.bias.chunk(2)
+        for t, y_t, gate_t in zip(tokens.split(step), y.split(step), gate.split(step)):
+            normed = self.norm1(t)
+            torch.addmm(b_y, normed, w_y.t(), out=y_t)
+            torch.addmm(b_gate, normed, w_gate.t(), out=gate_t)
+        y = self.attn(F.silu(self.dwconv(y.view(B, H, W, C)), inplace=True), rope).reshape(-1, C)
+        for t, y_t, gate_t in zip(tokens.split(step), y.split(step), gate.split(step)):
+            y_t.mul_(F.silu(gate_t, inplace=True))
+            t.add_(self.out_proj.bias).addmm_(y_t, self.out_proj.weight.t())
+        x = self.cpe2(x).contiguous()
+        tokens = x.view(-1, C)
+        fc1, fc2 = self.mlp.fc1, self.mlp.fc2  # the MLP is fc1 -> GELU -> fc2 (no dropout, no norm)
+        for t in tokens.split(step):
+            hidden = fc1(self.norm2(t))
+            torch.ops.aten.gelu_(hidden)
+            t.add_(fc2.bias).addmm_(hidden, fc2.weight.t())
+        return x

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["ConvNorm", "DepthwiseConvNHWC", "fold_batchnorm"]
+__all__ = ["ConvNorm", "DepthwiseConvNHWC", "channels_last_kernel", "fold_batchnorm"]
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -15,6 +15,22 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
     )
     conv.weight, conv.bias = weight, bias
+
+
+def channels_last_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """A convolution kernel ``(O, I, kh, kw)`` with explicit channels-last strides.
+
+    For a depthwise (``I = 1``) or ``1 x 1`` kernel, contiguous and channels-last strides describe
+    the same memory, and oneDNN then takes the memory format from the input alone. An input of
+    batch 1 can carry a zero batch stride (``torch.compile`` produces such views), which oneDNN
+    does not recognise as channels-last: it would convolve in NCHW and return an NCHW output that
+    costs a layout copy. Strides ``(I kh kw, 1, kw I, I)`` mark the kernel channels-last, so the
+    convolution stays channels-last whatever the batch stride. Same values; a view for those
+    kernels, a copy for others.
+    """
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    _, I, kh, kw = weight.shape
+    return weight.as_strided(weight.shape, (I * kh * kw, 1, kw * I, I))
 
 
 class ConvNorm(nn.Sequential):
@@ -66,4 +82,5 @@ class DepthwiseConvNHWC(nn.Conv2d):
         # A no-op for contiguous NHWC tokens; a strided view (a chunk of a wider projection) is
         # copied in its own layout, much faster than a channels-last copy of the permuted view.
         x = x.contiguous().permute(0, 3, 1, 2)
-        return F.conv2d(x, self.kernel(), self.bias, padding=self.padding, groups=self.groups).permute(0, 2, 3, 1)
+        kernel = channels_last_kernel(self.kernel())
+        return F.conv2d(x, kernel, self.bias, padding=self.padding, groups=self.groups).permute(0, 2, 3, 1)

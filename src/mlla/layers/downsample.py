@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import fold_batchnorm
+from .conv import channels_last_kernel, fold_batchnorm
 
 __all__ = ["MllaDownsample"]
 
@@ -34,10 +34,15 @@ class MllaDownsample(nn.Module):
         if torch.compiler.is_exporting() or pad_h or pad_w:  # symbolic sizes: always pad
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         x = x.permute(0, 3, 1, 2)  # (B, dim, H, W), channels-last memory
-        x = self.act(self.expand(x))
-        x = self.act(self.dwconv(x))
-        x = self.norm(self.project(x))
+        x = self.act(self._conv(self.expand, x))
+        x = self.act(self._conv(self.dwconv, x))
+        x = self.norm(self._conv(self.project, x))
         return x.permute(0, 2, 3, 1)
+
+    @staticmethod
+    def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """``conv(x)`` with its kernel marked channels-last (see ``channels_last_kernel``)."""
+        return F.conv2d(x, channels_last_kernel(conv.weight), conv.bias, conv.stride, conv.padding, groups=conv.groups)
 
     def fuse(self) -> None:
         """Fold ``norm`` into ``project`` (inference); ``norm`` becomes an identity."""

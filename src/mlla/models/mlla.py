@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import unwrap_state_dict
-from ..layers import MllaBlock, MllaDownsample, MllaLinearAttention, MllaStem
-from ..ops.rope import rope_2d_tables
+from ..layers import MllaBlock, MllaDownsample, MllaStem
+from ..ops.rope import rope_2d_head_tables
 
 __all__ = ["MLLA", "MllaStage", "checkpoint_filter_fn"]
 
@@ -65,8 +65,7 @@ class MllaStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         # RoPE tables, computed once for this grid and stage.
-        rope = rope_2d_tables(x.shape[1], x.shape[2], self.dim, device=x.device)
-        rope = MllaLinearAttention.head_major_rope(*rope, self.num_heads)
+        rope = rope_2d_head_tables(x.shape[1], x.shape[2], self.dim, self.num_heads, device=x.device)
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = checkpoint(block, x, rope, use_reentrant=False)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rope_2d_tables", "apply_rope_2d"]
+__all__ = ["apply_rope_2d", "rope_2d_head_tables", "rope_2d_tables"]
 
 
 def rope_2d_tables(
@@ -53,6 +53,39 @@ def rope_2d_tables(
     if repeats > 1:
         cos, sin = cos.repeat(1, 1, repeats), sin.repeat(1, 1, repeats)
     return cos, sin
+
+
+def rope_2d_head_tables(
+    height: int,
+    width: int,
+    dim: int,
+    num_heads: int,
+    *,
+    base: float = 10000.0,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The angles of :func:`rope_2d_tables`, one per channel pair, laid out head-major.
+
+    Returns ``(cos, sin)``, each float32 of shape ``(num_heads, H * W, C / num_heads / 2)``:
+    entry ``[i, n, p]`` is the cosine / sine of token ``n``'s angle for pair ``p`` of head ``i``
+    (channels ``(2p, 2p + 1)`` of the head). Cosines and sines are taken of the ``H + W``
+    distinct rows and columns only, then spread over the grid in one pass.
+    """
+    if dim % 4 or dim % num_heads or (dim // num_heads) % 2:
+        raise ValueError(f"RoPE-2d by heads needs C divisible by 4 and into {num_heads} heads of even size, got C={dim}")
+    num_freqs, pairs_per_head = dim // 4, dim // num_heads // 2
+    theta = base ** (-torch.arange(num_freqs, device=device, dtype=torch.float32) / num_freqs)
+    # Pair q of the C / 2 uses the row for q < C / 4 and the column otherwise, frequency q mod C / 4.
+    pair = torch.arange(dim // 2, device=device).view(num_heads, 1, 1, pairs_per_head)
+    uses_row = pair < num_freqs
+    theta = theta[pair % num_freqs]  # (h, 1, 1, d/2)
+    row_angles = torch.arange(height, device=device, dtype=torch.float32).view(1, -1, 1, 1) * theta  # (h, H, 1, d/2)
+    col_angles = torch.arange(width, device=device, dtype=torch.float32).view(1, 1, -1, 1) * theta  # (h, 1, W, d/2)
+
+    def spread(fn) -> torch.Tensor:  # (h, H, W, d/2) -> (h, N, d/2)
+        return torch.where(uses_row, fn(row_angles), fn(col_angles)).flatten(1, 2)
+
+    return spread(torch.cos), spread(torch.sin)
 
 
 def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
