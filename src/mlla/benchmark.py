@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .checkpoint import unwrap_features_only
 from .runtime import retain_freed_memory
 
 __all__ = [
@@ -187,7 +188,7 @@ def build_model(name: str, img_size: tuple[int, int], task: str = "cls", *, fuse
     if task == "features":
         kwargs["features_only"] = True
     model = timm.create_model(name, pretrained=False, **kwargs)
-    target = getattr(model, "model", model)  # timm's FeatureGetterNet wraps the model
+    target = unwrap_features_only(model)
     if fuse and hasattr(target, "fuse"):
         target.fuse()
     return model

@@ -13,7 +13,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-__all__ = ["CheckpointError", "atomic_save", "load_checkpoint", "read_checkpoint", "save_state_dict", "unwrap_state_dict"]
+__all__ = [
+    "CheckpointError",
+    "atomic_save",
+    "load_checkpoint",
+    "read_checkpoint",
+    "save_state_dict",
+    "unwrap_features_only",
+    "unwrap_state_dict",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -57,6 +65,14 @@ def _filter_fn_for(model: nn.Module) -> Callable[..., dict[str, torch.Tensor]] |
     return getattr(module, "checkpoint_filter_fn", None)
 
 
+def unwrap_features_only(model: nn.Module) -> nn.Module:
+    """The network inside timm's ``features_only`` wrapper (``FeatureGetterNet.model``).
+
+    Any other model, one with its own ``stem`` included, is returned as it is.
+    """
+    return model if hasattr(model, "stem") else getattr(model, "model", model)
+
+
 def load_checkpoint(
     model: nn.Module,
     path: str | os.PathLike,
@@ -78,7 +94,7 @@ def load_checkpoint(
     Raises:
         CheckpointError: unreadable file, other model size, other class count, missing keys.
     """
-    target = getattr(model, "model", model) if not hasattr(model, "stem") else model
+    target = unwrap_features_only(model)
     state_dict = read_checkpoint(path, trust_pickle=trust_pickle)
     filter_fn = _filter_fn_for(target)
     try:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import atomic_save
+from .checkpoint import atomic_save, unwrap_features_only
 
 __all__ = ["FORMATS", "check_export", "export_model", "export_program", "load_exported", "save_program"]
 
@@ -32,7 +32,7 @@ def _dynamic_shapes(min_size: int, max_size: int, stride: int) -> dict[str, dict
 
 
 def _example(model: nn.Module, size: Sequence[int]) -> torch.Tensor:
-    in_chans = getattr(getattr(model, "model", model), "in_chans", 3)
+    in_chans = getattr(unwrap_features_only(model), "in_chans", 3)
     return torch.randn(2, in_chans, *size)
 
 
@@ -57,7 +57,7 @@ def export_program(
     if any(s % stride for s in example_size):
         raise ValueError(f"example size {tuple(example_size)} must be a multiple of {stride}")
     model = copy.deepcopy(model).eval()
-    target = getattr(model, "model", model)
+    target = unwrap_features_only(model)
     if hasattr(target, "fuse"):
         target.fuse()
     with torch.no_grad():
@@ -121,7 +121,7 @@ def check_export(
     model = model.eval()
     diffs = {}
     for size in sizes:
-        x = torch.randn(batch_size, getattr(getattr(model, "model", model), "in_chans", 3), *size)
+        x = torch.randn(batch_size, getattr(unwrap_features_only(model), "in_chans", 3), *size)
         with torch.no_grad():
             ref = model(x)
         refs = list(ref) if isinstance(ref, (list, tuple)) else [ref]
