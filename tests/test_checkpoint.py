@@ -112,3 +112,14 @@ def test_cli_reports_clean_errors(tmp_path, capsys):
     assert mlla.cli.main(["models", "mlla_t*"]) == 0
     out = capsys.readouterr().out
     assert "mlla_tiny" in out and "24.39" in out and "4.13" in out
+
+
+@pytest.mark.parametrize("name", ["mlla_tiny", "mlla_small", "mlla_base"])
+def test_convert_names_the_registered_size_of_a_state_dict(name):
+    from mlla.commands.convert import describe_mlla_state_dict
+
+    with torch.device("meta"):
+        info = describe_mlla_state_dict(timm.create_model(name).state_dict())
+    assert info["model"] == name and info["layout"] == "classification" and info["num_classes"] == 1000
+    with torch.device("meta"):
+        assert describe_mlla_state_dict(timm.create_model("test_mlla").state_dict())["model"] == "custom"

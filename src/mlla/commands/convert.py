@@ -10,7 +10,19 @@ from ..checkpoint import read_checkpoint, save_state_dict
 from ..models.mlla import checkpoint_filter_fn
 
 _logger = logging.getLogger(__name__)
-_SIZES = {"mlla_tiny": (64, (2, 4, 8, 4)), "mlla_small": (64, (3, 6, 21, 6)), "mlla_base": (96, (3, 6, 21, 6))}
+
+
+def _registered_sizes() -> dict[str, tuple[int, tuple[int, ...]]]:
+    """``name -> (embed_dim, depths)`` of the registered MLLA-T/S/B, read from models built on meta."""
+    import timm
+    import torch
+
+    sizes = {}
+    with torch.device("meta"):
+        for name in ("mlla_tiny", "mlla_small", "mlla_base"):
+            model = timm.create_model(name)
+            sizes[name] = (model.stages[0].dim, tuple(len(stage.blocks) for stage in model.stages))
+    return sizes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +57,7 @@ def describe_mlla_state_dict(state_dict: dict) -> dict:
     if "head.fc.weight" in state_dict:
         info["num_classes"] = int(state_dict["head.fc.weight"].shape[0])
     info["model"] = next(
-        (name for name, (dim, d) in _SIZES.items() if dim == info["embed_dim"] and tuple(info["depths"]) == d), "custom"
+        (name for name, (dim, d) in _registered_sizes().items() if dim == info["embed_dim"] and tuple(info["depths"]) == d), "custom"
     )
     return info
 
