@@ -46,3 +46,9 @@ def test_other_platforms_are_left_alone_with_a_warning(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="mlla.runtime"):
         assert runtime.retain_freed_memory() is False
     assert "needs glibc on Linux" in caplog.text
+    assert runtime.trim_freed_memory() is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc on Linux only")
+def test_trim_freed_memory_calls_glibc():
+    assert runtime.trim_freed_memory() is True

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import ctypes
 import gc
 import io
 import json
@@ -41,7 +40,7 @@ import torch
 from torch import nn
 
 from .checkpoint import unwrap_features_only
-from .runtime import retain_freed_memory
+from .runtime import retain_freed_memory, trim_freed_memory
 
 __all__ = [
     "BenchmarkSpec",
@@ -344,8 +343,7 @@ def _peak_memory_here(model_name: str, size: tuple[int, int], batch: int, dtype:
         step()
         torch.cuda.synchronize(dev)
         return (torch.cuda.max_memory_allocated(dev) - before) / 2**20
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back, so RSS is tight
+    trim_freed_memory()  # hand freed heap pages back, so RSS is tight
     before = _proc_status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     step()

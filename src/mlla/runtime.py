@@ -16,13 +16,23 @@ import ctypes.util
 import logging
 import sys
 
-__all__ = ["retain_freed_memory"]
+__all__ = ["retain_freed_memory", "trim_freed_memory"]
 
 _logger = logging.getLogger(__name__)
 
 # mallopt parameters, from glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+
+
+def _glibc_function(name: str):
+    """``name`` from the C library if it is glibc on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def retain_freed_memory(trim_threshold_bytes: int = 2**31 - 1) -> bool:
@@ -41,14 +51,24 @@ def retain_freed_memory(trim_threshold_bytes: int = 2**31 - 1) -> bool:
     if not sys.platform.startswith("linux"):
         _logger.warning("retain_freed_memory: needs glibc on Linux, this is %s; nothing changed", sys.platform)
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         _logger.warning("retain_freed_memory: the C library has no mallopt (not glibc); nothing changed")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, min(trim_threshold_bytes, 2**31 - 1))):
         _logger.warning("retain_freed_memory: mallopt refused the settings; the allocator may be partly changed")
         return False
+    return True
+
+
+def trim_freed_memory() -> bool:
+    """Hand the heap's free pages back to the system now (glibc ``malloc_trim``).
+
+    Returns False, doing nothing, where the C library is not glibc.
+    """
+    malloc_trim = _glibc_function("malloc_trim")
+    if malloc_trim is None:
+        return False
+    malloc_trim(0)
     return True
