@@ -15,6 +15,11 @@ import torch
 __all__ = ["apply_rope_2d", "rope_2d_head_tables", "rope_2d_tables"]
 
 
+def _frequencies(num_freqs: int, base: float, device: torch.device | str | None) -> torch.Tensor:
+    """``theta_j = base ** (-j / m)`` for ``j < m = num_freqs``, float32."""
+    return base ** (-torch.arange(num_freqs, device=device, dtype=torch.float32) / num_freqs)
+
+
 def rope_2d_tables(
     height: int,
     width: int,
@@ -42,7 +47,7 @@ def rope_2d_tables(
     if dim % 4:
         raise ValueError(f"RoPE-2d needs a channel count divisible by 4, got {dim}")
     num_freqs = dim // 4
-    theta = base ** (-torch.arange(num_freqs, device=device, dtype=torch.float32) / num_freqs)
+    theta = _frequencies(num_freqs, base, device)
     rows = torch.arange(height, device=device, dtype=torch.float32)
     cols = torch.arange(width, device=device, dtype=torch.float32)
     row_angles = (rows[:, None] * theta[None, :])[:, None, :].expand(height, width, num_freqs)
@@ -74,7 +79,7 @@ def rope_2d_head_tables(
     if dim % 4 or dim % num_heads or (dim // num_heads) % 2:
         raise ValueError(f"RoPE-2d by heads needs C divisible by 4 and into {num_heads} heads of even size, got C={dim}")
     num_freqs, pairs_per_head = dim // 4, dim // num_heads // 2
-    theta = base ** (-torch.arange(num_freqs, device=device, dtype=torch.float32) / num_freqs)
+    theta = _frequencies(num_freqs, base, device)
     # Pair q of the C / 2 uses the row for q < C / 4 and the column otherwise, frequency q mod C / 4.
     pair = torch.arange(dim // 2, device=device).view(num_heads, 1, 1, pairs_per_head)
     uses_row = pair < num_freqs
