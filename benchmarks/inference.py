@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import mlla  # noqa: F401  (registers the models)
-from mlla.benchmark import BenchmarkSpec, environment, format_table, parse_size, run_benchmark, write_results
+from mlla.benchmark import ALLOCATORS, BenchmarkSpec, environment, format_table, parse_size, run_benchmark, write_results
 from mlla.checkpoint import atomic_save
 
 SWIN, CONVNEXT, VIT = "swin_tiny_patch4_window7_224", "convnext_tiny", "vit_small_patch16_224"
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--allocator", default="default", choices=["default", "retain"],
+    p.add_argument("--allocator", default="default", choices=ALLOCATORS,
                    help="CPU allocator setting for all models alike (default: %(default)s, see mlla.runtime)")
     p.add_argument("--parts", nargs="+", type=int, default=[1, 2, 3], help="which parts to run")
     p.add_argument("--quick", action="store_true", help="development run: batch 8, 1024^2 only, 3 rounds, eager")

@@ -7,6 +7,8 @@ DEFAULT_MODELS = ["mlla_tiny", "swin_tiny_patch4_window7_224", "convnext_tiny", 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..benchmark import ALLOCATORS
+
     p = subparsers.add_parser(
         "benchmark",
         help="time models interleaved (img/s, batch-1 latency, peak memory, GFLOP/s vs a matmul peak)",
@@ -27,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--memory", default="eager", choices=["none", "eager", "all"],
                    help="measure peak memory for eager variants, all variants, or none (default: eager)")
-    p.add_argument("--allocator", default="default", choices=["default", "retain"],
+    p.add_argument("--allocator", default="default", choices=ALLOCATORS,
                    help="CPU: 'retain' keeps freed memory in the process for reuse (mlla.runtime.retain_freed_memory), "
                         "for all models alike (default: %(default)s)")
     p.add_argument("--no-fuse", action="store_true", help="do not call model.fuse() (BatchNorm folding) for inference")
