@@ -159,6 +159,9 @@ def test_rope_matches_complex_rotation_and_is_computed_once_per_stage(monkeypatc
     head_cos, head_sin = rope_2d_head_tables(h, w, c, heads)
     per_pair = lambda t: t.reshape(h * w, heads, c // heads // 2, 2)[..., 1].transpose(0, 1)  # noqa: E731
     assert torch.allclose(head_cos, per_pair(cos), atol=1e-6) and torch.allclose(head_sin, per_pair(sin), atol=1e-6)
+    # Under torch.compile they come from the opaque mlla::rope_2d_head_tables op: the same values.
+    compiled = torch.compile(lambda: rope_2d_head_tables(h, w, c, heads), fullgraph=True)()
+    assert all(torch.equal(a, b) for a, b in zip(compiled, (head_cos, head_sin)))
 
     import mlla.models.mlla as mlla_module
 
@@ -200,7 +203,8 @@ def test_attention_layer_is_the_unified_operator(grad):
     x = torch.randn(B, H, W, C)
     cos, sin = rope_2d_tables(H, W, C)
     with torch.set_grad_enabled(grad):
-        out = layer(x, rope_2d_head_tables(H, W, C, h))
+        image = x.permute(0, 3, 1, 2)  # the layer takes (B, C, H, W) in channels-last memory
+        out = layer(image, rope_2d_head_tables(H, W, C, h))
         qk = torch.nn.functional.elu(layer.qk(x)) + 1  # the authors' channel order
         q, k = qk.chunk(2, dim=-1)
         qr, kr = apply_rope_2d(q, cos, sin), apply_rope_2d(k, cos, sin)

@@ -63,9 +63,17 @@ class MllaLinearAttention(nn.Module):
         return reorder(self.qk.weight), None if bias is None else reorder(bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """``x: (B, H, W, C)``, ``rope``: tables of :func:`mlla.ops.rope_2d_head_tables` -> ``(B, H, W, C)``."""
-        B, H, W, C = x.shape
+        """``x: (B, C, H, W)`` in channels-last memory, ``rope``: tables of
+        :func:`mlla.ops.rope_2d_head_tables` -> ``(B, H, W, C)``.
+
+        ``x`` comes in the layout of the depthwise convolution before it, and the LePE convolution
+        takes it as it is; the token view ``(B, H, W, C)`` is a permute of the same memory. (Handing
+        the LePE a permute of a permute makes inductor lay the activation out transposed and copy it
+        twice.)
+        """
+        B, C, H, W = x.shape
         N, h, d = H * W, self.num_heads, C // self.num_heads
+        image, x = x, x.permute(0, 2, 3, 1)  # tokens (B, H, W, C), a view
         qk = F.linear(x, *self._deinterleaved_qk())  # (B, H, W, 2C), pairs de-interleaved
         cos, sin = rope
         # Eager inference works in place, using the RoPE output buffer as scratch space before it
@@ -98,6 +106,6 @@ class MllaLinearAttention(nn.Module):
         kv = (k_rot.transpose(-1, -2) @ v) / N  # (B, h, d, d)
         out = q_rot @ kv  # (B, h, N, d)
         out = out.mul_(z.transpose(1, 2).unsqueeze(-1)) if inplace else out * z.transpose(1, 2).unsqueeze(-1)
-        lepe = self.lepe(x)  # (B, H, W, C), a fresh tensor: add the attention into it
+        lepe = self.lepe.forward_nchw(image).permute(0, 2, 3, 1)  # (B, H, W, C), fresh: add the attention into it
         lepe.view(B, N, h, d).transpose(1, 2).add_(out)
         return lepe

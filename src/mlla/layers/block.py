@@ -62,7 +62,7 @@ class MllaBlock(nn.Module):
         if self._inference_path_applies(x):
             return self._forward_inference(x, rope)
         y, gate = self.in_proj(self.norm1(x)).chunk(2, dim=-1)
-        y = self.attn(F.silu(self.dwconv(y)), rope)
+        y = self.attn(F.silu(self.dwconv.forward_nchw(y.contiguous().permute(0, 3, 1, 2))), rope)
         x = x + self.drop_path(self.out_proj(y * F.silu(gate)))
         x = self.cpe2(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -97,7 +97,8 @@ class MllaBlock(nn.Module):
             normed = self.norm1(t)
             torch.addmm(b_y, normed, w_y.t(), out=y_t)
             torch.addmm(b_gate, normed, w_gate.t(), out=gate_t)
-        y = self.attn(F.silu(self.dwconv(y.view(B, H, W, C)), inplace=True), rope).reshape(-1, C)
+        y = self.attn(F.silu(self.dwconv.forward_nchw(y.view(B, H, W, C).permute(0, 3, 1, 2)), inplace=True), rope)
+        y = y.reshape(-1, C)
         for t, y_t, gate_t in zip(tokens.split(step), y.split(step), gate.split(step)):
             y_t.mul_(F.silu(gate_t, inplace=True))
             t.add_(self.out_proj.bias).addmm_(y_t, self.out_proj.weight.t())

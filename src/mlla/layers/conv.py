@@ -81,6 +81,9 @@ class DepthwiseConvNHWC(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A no-op for contiguous NHWC tokens; a strided view (a chunk of a wider projection) is
         # copied in its own layout, much faster than a channels-last copy of the permuted view.
-        x = x.contiguous().permute(0, 3, 1, 2)
+        return self.forward_nchw(x.contiguous().permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+    def forward_nchw(self, x: torch.Tensor) -> torch.Tensor:
+        """The convolution on ``(B, C, H, W)`` in channels-last memory -> the same layout."""
         kernel = channels_last_kernel(self.kernel())
-        return F.conv2d(x, kernel, self.bias, padding=self.padding, groups=self.groups).permute(0, 2, 3, 1)
+        return F.conv2d(x, kernel, self.bias, padding=self.padding, groups=self.groups)

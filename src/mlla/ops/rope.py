@@ -75,9 +75,22 @@ def rope_2d_head_tables(
     entry ``[i, n, p]`` is the cosine / sine of token ``n``'s angle for pair ``p`` of head ``i``
     (channels ``(2p, 2p + 1)`` of the head). Cosines and sines are taken of the ``H + W``
     distinct rows and columns only, then spread over the grid in one pass.
+
+    Under ``torch.compile`` the tables come from one opaque operator, ``mlla::rope_2d_head_tables``:
+    inductor inlines cheap pointwise producers into their consumers, and would otherwise recompute
+    the cosines and sines for every element the rotation writes (every image of the batch, q and k).
+    ``torch.export`` gets the plain tensor computation, which ONNX and other runtimes understand.
     """
     if dim % 4 or dim % num_heads or (dim // num_heads) % 2:
         raise ValueError(f"RoPE-2d by heads needs C divisible by 4 and into {num_heads} heads of even size, got C={dim}")
+    if _rope_tables_op is not None and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return _rope_tables_op(height, width, dim, num_heads, float(base), torch.device(device or "cpu"))
+    return _head_tables(height, width, dim, num_heads, base, device)
+
+
+def _head_tables(
+    height: int, width: int, dim: int, num_heads: int, base: float, device: torch.device | str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     num_freqs, pairs_per_head = dim // 4, dim // num_heads // 2
     theta = _frequencies(num_freqs, base, device)
     # Pair q of the C / 2 uses the row for q < C / 4 and the column otherwise, frequency q mod C / 4.
@@ -91,6 +104,21 @@ def rope_2d_head_tables(
         return torch.where(uses_row, fn(row_angles), fn(col_angles)).flatten(1, 2)
 
     return spread(torch.cos), spread(torch.sin)
+
+
+_rope_tables_op = None
+if hasattr(torch.library, "custom_op"):  # torch >= 2.4
+
+    @torch.library.custom_op("mlla::rope_2d_head_tables", mutates_args=())
+    def _rope_tables_op(
+        height: int, width: int, dim: int, num_heads: int, base: float, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _head_tables(height, width, dim, num_heads, base, device)
+
+    @_rope_tables_op.register_fake
+    def _(height: int, width: int, dim: int, num_heads: int, base: float, device: torch.device):
+        shape = (num_heads, height * width, dim // num_heads // 2)
+        return torch.empty(shape, device=device), torch.empty(shape, device=device)
 
 
 def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
