@@ -84,3 +84,19 @@ def test_cli_writes_csv_json_table_and_plot(tmp_path, capsys):
 def test_cli_bad_model_is_a_clean_error(tmp_path, capsys):
     assert main(["benchmark", "--models", "nope_model", "--output-dir", str(tmp_path)]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_profile_breakdown_accounts_for_the_forward():
+    """benchmarks/profile_breakdown.py: the kinds of op add up to the profiled total, matmuls included."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_breakdown.py"
+    spec = importlib.util.spec_from_file_location("profile_breakdown", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = bench.build_model("test_mlla", (64, 64)).eval()
+    kinds = module.breakdown(model, torch.randn(2, 3, 64, 64), warmup=1)
+    assert kinds["linear matmuls"] > 0 and kinds["depthwise convolutions"] > 0 and kinds["dense convolutions"] > 0
+    assert "inductor kernels" not in kinds  # eager
+    assert sum(v for k, v in kinds.items() if k != "total") == pytest.approx(kinds["total"])
