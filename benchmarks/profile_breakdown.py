@@ -22,8 +22,9 @@ import torch
 import torch._inductor.config as inductor_config
 from torch.profiler import ProfilerActivity, profile
 
-from mlla.benchmark import build_model, environment
+from mlla.benchmark import ALLOCATORS, build_model, environment
 from mlla.checkpoint import atomic_save
+from mlla.runtime import retain_freed_memory
 
 MATMULS = {"aten::addmm", "aten::addmm_", "aten::mm"}
 
@@ -35,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--allocator", choices=ALLOCATORS, default="default",
+                   help="'retain' keeps freed memory in the heap (mlla.runtime.retain_freed_memory)")
     p.add_argument("--output-dir", type=Path, default=Path("benchmarks/results/profile"))
     return p.parse_args(argv)
 
@@ -67,6 +70,7 @@ def breakdown(model: torch.nn.Module, x: torch.Tensor, warmup: int) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    allocator = "retain" if args.allocator == "retain" and retain_freed_memory() else "default"
     inductor_config.cpp.enable_kernel_profile = True  # name inductor's kernels in the profile
     model = build_model(args.model, (args.size, args.size)).eval()
     x = torch.randn(args.batch_size, 3, args.size, args.size)
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# {args.model} forward, {args.size}x{args.size}, batch {args.batch_size}: self CPU time by kind of op (ms)",
         "",
-        f"{env['cpu']}, {torch.get_num_threads()} threads; torch {torch.__version__}; one profiled call after {args.warmup} warm-up calls.",
+        f"{env['cpu']}, {torch.get_num_threads()} threads; torch {torch.__version__}; allocator: {allocator}; "
+        f"one profiled call after {args.warmup} warm-up calls.",
         "",
         "| kind | eager | compiled |",
         "|---|---|---|",
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Command: `python benchmarks/profile_breakdown.py{' ' + ' '.join(argv) if argv else ''}`",
     ]
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    text, data = "\n".join(lines) + "\n", json.dumps({"env": env, **columns}, indent=2)
+    text, data = "\n".join(lines) + "\n", json.dumps({"env": {**env, "allocator": allocator}, **columns}, indent=2)
     atomic_save(lambda tmp: Path(tmp).write_text(text), args.output_dir / "breakdown.md")
     atomic_save(lambda tmp: Path(tmp).write_text(data), args.output_dir / "breakdown.json")
     print("\n".join(lines))
