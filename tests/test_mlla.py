@@ -159,9 +159,15 @@ def test_rope_matches_complex_rotation_and_is_computed_once_per_stage(monkeypatc
     head_cos, head_sin = rope_2d_head_tables(h, w, c, heads)
     per_pair = lambda t: t.reshape(h * w, heads, c // heads // 2, 2)[..., 1].transpose(0, 1)  # noqa: E731
     assert torch.allclose(head_cos, per_pair(cos), atol=1e-6) and torch.allclose(head_sin, per_pair(sin), atol=1e-6)
-    # Under torch.compile they come from the opaque mlla::rope_2d_head_tables op: the same values.
+    # Under torch.compile they come from the opaque mlla::rope_2d_head_tables op, with the same values.
+    graphs = []
+    traced = torch.compile(lambda: rope_2d_head_tables(h, w, c, heads), fullgraph=True,
+                           backend=lambda gm, inputs: graphs.append(gm) or gm.forward)()
+    if hasattr(torch.library, "custom_op"):  # torch >= 2.4
+        targets = {n.target for n in graphs[0].graph.nodes if n.op == "call_function"}
+        assert torch.ops.mlla.rope_2d_head_tables.default in targets and torch.cos not in targets
     compiled = torch.compile(lambda: rope_2d_head_tables(h, w, c, heads), fullgraph=True)()
-    assert all(torch.equal(a, b) for a, b in zip(compiled, (head_cos, head_sin)))
+    assert all(torch.equal(a, b) and torch.equal(a, t) for a, b, t in zip(compiled, (head_cos, head_sin), traced))
 
     import mlla.models.mlla as mlla_module
 
