@@ -187,24 +187,6 @@ def test_torch_compile_runs():
         assert torch.allclose(compiled(x), model(x), atol=1e-4)
 
 
-def test_compiled_inference_runs_the_mlp_in_token_chunks(monkeypatch):
-    """Under torch.compile at inference each block's MLP runs on token chunks; outputs are unchanged."""
-    import mlla.layers.block as block_module
-
-    monkeypatch.setattr(block_module, "COMPILED_CHUNK_BYTES", 4096)
-    monkeypatch.setattr(block_module, "COMPILED_MAX_CHUNKS", 3)
-    model = timm.create_model("test_mlla", num_classes=3).eval()
-    x = torch.randn(2, 3, 64, 64)
-    graphs = []
-    with torch.no_grad():
-        ref = model(x)  # eager
-        traced = torch.compile(model, fullgraph=True, backend=lambda gm, inputs: graphs.append(gm) or gm.forward)(x)
-        compiled = torch.compile(model)(x)
-    chunked = [n for n in graphs[0].graph.nodes if n.target is torch.cat and len(n.args[0]) == 3]  # 3 token chunks
-    assert len(chunked) == sum(len(stage.blocks) for stage in model.stages)  # one chunked MLP per block
-    assert torch.allclose(traced, ref, atol=1e-4) and torch.allclose(compiled, ref, atol=1e-4)
-
-
 def test_bad_input_errors():
     model = timm.create_model("test_mlla")
     with pytest.raises(ValueError, match=r"expects an image batch of shape \(B, 3, H, W\).*3-d"):

@@ -9,14 +9,10 @@ from torch import nn
 from .attention import MllaLinearAttention
 from .conv import DepthwiseConvNHWC
 
-__all__ = ["COMPILED_CHUNK_BYTES", "COMPILED_MAX_CHUNKS", "INFERENCE_CHUNK_BYTES", "MllaBlock"]
+__all__ = ["INFERENCE_CHUNK_BYTES", "MllaBlock"]
 
 #: Size of the widest activation chunk (the MLP hidden layer) in eager inference.
 INFERENCE_CHUNK_BYTES = 4 << 20
-#: Compiled inference runs the MLP on token chunks of about this hidden-layer size, at most
-#: ``COMPILED_MAX_CHUNKS`` per block (the compiler unrolls the loop).
-COMPILED_CHUNK_BYTES = 16 << 20
-COMPILED_MAX_CHUNKS = 8
 
 
 def _autocast_enabled(device_type: str) -> bool:
@@ -69,27 +65,7 @@ class MllaBlock(nn.Module):
         y = self.attn(F.silu(self.dwconv.forward_nchw(y.contiguous().permute(0, 3, 1, 2))), rope)
         x = x + self.drop_path(self.out_proj(y * F.silu(gate)))
         x = self.cpe2(x)
-        chunks = self._compiled_mlp_chunks(x)
-        if chunks > 1:
-            tokens = x.reshape(-1, x.shape[-1])
-            return torch.cat([t + self.mlp(self.norm2(t)) for t in tokens.tensor_split(chunks)]).view_as(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    def _compiled_mlp_chunks(self, x: torch.Tensor) -> int:
-        """Token chunks for the MLP under ``torch.compile`` at inference (1: no split).
-
-        Inductor calls ATen for each matmul, so the batch-wide ``4 C`` hidden layer would be
-        written out to memory by ``fc1`` and read back by the GELU and by ``fc2``; on chunks of
-        about :data:`COMPILED_CHUNK_BYTES` it stays in cache. Static shapes only: a symbolic token
-        count would make the number of chunks depend on the input size.
-        """
-        if not torch.compiler.is_compiling() or torch.compiler.is_exporting() or x.requires_grad or self.training:
-            return 1
-        tokens = x.shape[0] * x.shape[1] * x.shape[2]
-        if not isinstance(tokens, int):
-            return 1
-        hidden_bytes = tokens * self.mlp.fc1.out_features * x.element_size()
-        return max(1, min(COMPILED_MAX_CHUNKS, -(-hidden_bytes // COMPILED_CHUNK_BYTES)))
 
     def _inference_path_applies(self, x: torch.Tensor) -> bool:
         """Eager, no autograd, no autocast (its casts skip ``out=`` ops), no stochastic depth."""
