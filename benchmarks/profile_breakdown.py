@@ -22,9 +22,8 @@ import torch
 import torch._inductor.config as inductor_config
 from torch.profiler import ProfilerActivity, profile
 
-from mlla.benchmark import ALLOCATORS, build_model, environment
+from mlla.benchmark import ALLOCATORS, apply_allocator, build_model, environment
 from mlla.checkpoint import atomic_save
-from mlla.runtime import retain_freed_memory
 
 MATMULS = {"aten::addmm", "aten::addmm_", "aten::mm"}
 
@@ -70,7 +69,7 @@ def breakdown(model: torch.nn.Module, x: torch.Tensor, warmup: int) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    allocator = "retain" if args.allocator == "retain" and retain_freed_memory() else "default"
+    allocator = apply_allocator(args.allocator, torch.device("cpu"))
     inductor_config.cpp.enable_kernel_profile = True  # name inductor's kernels in the profile
     model = build_model(args.model, (args.size, args.size)).eval()
     x = torch.randn(args.batch_size, 3, args.size, args.size)
@@ -80,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# {args.model} forward, {args.size}x{args.size}, batch {args.batch_size}: self CPU time by kind of op (ms)",
         "",
-        f"{env['cpu']}, {torch.get_num_threads()} threads; torch {torch.__version__}; allocator: {allocator}; "
-        f"one profiled call after {args.warmup} warm-up calls.",
+        (f"{env['cpu']}, {torch.get_num_threads()} threads; torch {torch.__version__}; allocator: {allocator}; "
+         f"one profiled call after {args.warmup} warm-up calls."),
         "",
         "| kind | eager | compiled |",
         "|---|---|---|",

@@ -45,6 +45,7 @@ from .runtime import retain_freed_memory, trim_freed_memory
 __all__ = [
     "BenchmarkSpec",
     "Variant",
+    "apply_allocator",
     "build_model",
     "environment",
     "format_table",
@@ -59,6 +60,11 @@ TASKS = ("cls", "features")
 MODES = ("infer", "train")
 #: "default": the C library's allocator as configured; "retain": :func:`mlla.runtime.retain_freed_memory`.
 ALLOCATORS = ("default", "retain")
+
+
+def apply_allocator(setting: str, device: torch.device) -> str:
+    """Apply an :data:`ALLOCATORS` setting for timing on ``device`` (process-wide); return the one in effect."""
+    return "retain" if setting == "retain" and device.type == "cpu" and retain_freed_memory() else "default"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -269,7 +275,7 @@ def run_benchmark(spec: BenchmarkSpec, progress: bool = True) -> list[dict[str, 
         torch.set_num_threads(spec.threads)
     device = torch.device(spec.device)
     env = environment(spec.device)
-    env["allocator"] = "retain" if spec.allocator == "retain" and device.type == "cpu" and retain_freed_memory() else "default"
+    env["allocator"] = apply_allocator(spec.allocator, device)
     rows: list[dict[str, Any]] = []
     variants = spec.variants()
     groups = [(s, b) for s in spec.sizes for b in spec.batch_sizes]
