@@ -2,12 +2,12 @@
 mid-epoch (for resuming), on one process or many."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .dataset import ImageFolderDataset, collate_skipping
+from .dataset import collate_skipping
 
 __all__ = ["ResumableSampler", "build_loader"]
 
@@ -21,7 +21,7 @@ class ResumableSampler(DistributedSampler):
     every sample is seen exactly once over all processes.
     """
 
-    def __init__(self, dataset: ImageFolderDataset, *, num_replicas: int, rank: int, shuffle: bool, seed: int, drop_last: bool) -> None:
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, shuffle: bool, seed: int, drop_last: bool) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.start = 0
 
@@ -44,7 +44,7 @@ class ResumableSampler(DistributedSampler):
 
 
 def build_loader(
-    dataset: ImageFolderDataset,
+    dataset: Dataset,
     batch_size: int,
     *,
     is_training: bool,
@@ -53,8 +53,10 @@ def build_loader(
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    collate_fn: Callable[[list[Any]], Any] = collate_skipping,
 ) -> DataLoader:
-    """A loader of ``(images, targets, n_skipped)`` batches; training drops the last partial batch.
+    """A loader of ``collate_fn``'s batches (by default ``(images, targets, n_skipped)``); training
+    drops the last partial batch.
 
     The loader's own generator seeds the workers, so building an iterator does not draw from
     the global random state (which a resumed run restores from its checkpoint).
@@ -67,7 +69,7 @@ def build_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=collate_skipping,
+        collate_fn=collate_fn,
         pin_memory=pin_memory,
         drop_last=is_training,
         generator=torch.Generator().manual_seed(seed),
