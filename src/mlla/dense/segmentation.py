@@ -23,10 +23,10 @@ from segmentation_models_pytorch.base.initialization import initialize_decoder
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from torch import nn
 
-from ..checkpoint import load_checkpoint
-from ..models import create_model
+from ..checkpoint import CheckpointError, load_checkpoint, read_checkpoint, unwrap_features_only
+from ..models import checkpoint_filter_fn, create_model
 
-__all__ = ["AUX_LOSS_WEIGHT", "FCNHead", "MIN_INPUT_SIZE", "UperNet", "upernet"]
+__all__ = ["AUX_LOSS_WEIGHT", "FCNHead", "MIN_INPUT_SIZE", "UperNet", "load_backbone_weights", "load_upernet_weights", "upernet"]
 
 _logger = logging.getLogger(__name__)
 
@@ -145,7 +145,51 @@ def upernet(
     """
     backbone = create_model(model_name, features_only=True, out_indices=(0, 1, 2, 3), **kwargs)
     if backbone_checkpoint is not None:
-        load_checkpoint(backbone, backbone_checkpoint)
-        _logger.info("backbone weights from %s", backbone_checkpoint)
+        load_backbone_weights(backbone, backbone_checkpoint)
     return UperNet(backbone, num_classes, channels=channels, aux_head=aux_head, aux_channels=aux_channels)
 
+
+
+def load_upernet_weights(model: UperNet, path: str | os.PathLike) -> UperNet:
+    """Initialise ``model`` from ``path``: a whole UperNet of ours (a ``mlla seg train`` checkpoint
+    or its state dict; classifiers of another number of classes are kept from ``model``), or
+    else backbone weights in any layout :func:`mlla.load_checkpoint` reads (ours, the authors'
+    classification or ``backbone.*`` segmentation/detection checkpoints). Missing weights raise
+    :class:`~mlla.CheckpointError`."""
+    state = read_checkpoint(path)
+    weights = state["model"] if isinstance(state.get("model"), dict) else state
+    if not any(k.startswith("backbone.model.") for k in weights):
+        load_backbone_weights(model.backbone, path)
+        return model
+    own = model.state_dict()
+    weights = dict(weights)
+    resized = [k for k, v in weights.items() if k in own and v.shape != own[k].shape]
+    if any(not k.startswith(("classifier.", "auxiliary_head.classifier.")) for k in resized):
+        raise CheckpointError(f"{path} does not fit the model (other backbone size or head width?): shapes of {resized[:5]} differ")
+    if resized:
+        _logger.warning("%s: classifiers for another number of classes; keeping the model's (fine-tuning)", path)
+        weights.update({k: own[k] for k in resized})
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match the model: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected {unexpected[:8]}"
+        )
+    _logger.info("UperNet weights from %s", path)
+    return model
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load a ``features_only`` MLLA backbone from any checkpoint layout :func:`mlla.load_checkpoint`
+    reads, requiring every backbone weight: only a classification checkpoint may lack the
+    per-stage norms (it has none; they keep their initial values). Raises
+    :class:`~mlla.CheckpointError` naming the missing weights."""
+    given = set(checkpoint_filter_fn(read_checkpoint(path)))
+    expected = set(unwrap_features_only(backbone).state_dict())
+    missing = sorted(expected - given)
+    has_stage_norms = any(k.startswith("stage_norms.") for k in given)
+    lacking = [k for k in missing if has_stage_norms or not k.startswith("stage_norms.")]
+    if lacking:
+        raise CheckpointError(f"{path} lacks {len(lacking)} backbone weights: missing keys {lacking[:8]}")
+    load_checkpoint(backbone, path)
+    _logger.info("backbone weights from %s%s", path, " (per-stage norms: initial values)" if missing else "")
+    return backbone

@@ -90,6 +90,18 @@ class TrainConfig:
     mesa: float = 0.0  # weight of the soft-target loss against the EMA model's predictions
     mesa_start: float = 0.25  # fraction of the epochs after which MESA is on
 
+    # segmentation (task 'segmentation', mlla.dense): mmseg's ADE20K recipe
+    seg_crop_size: int = 512
+    seg_scale: tuple[int, int] = (2048, 512)  # (long, short) edge bounds of the keep-ratio resize
+    seg_ratio_range: tuple[float, float] = (0.5, 2.0)  # training resize ratios of seg_scale
+    seg_cat_max_ratio: float = 0.75  # crops where one class covers more are redrawn (1: off)
+    seg_reduce_zero_label: bool = True  # label 0 is unlabelled (ADE20K); labels shift by -1
+    seg_channels: int = 512  # UperNet width
+    seg_aux_channels: int = 256  # auxiliary FCN head width
+    seg_aux_weight: float = 0.4  # auxiliary loss weight (0: no auxiliary head)
+    seg_test_mode: str = "whole"  # validation inference: whole or slide
+    seg_stride: int = 341  # sliding-window stride (windows of seg_crop_size)
+
     def scaled_lrs(self, total_batch: int) -> tuple[float, float, float]:
         """``(lr, warmup_lr, min_lr)`` for ``total_batch`` images per optimizer step."""
         scale = total_batch / self.lr_base_size

@@ -1,0 +1,181 @@
+"""Semantic segmentation as a :class:`~mlla.engine.task.Task`: ADE20K-layout data, UperNet on an
+MLLA backbone, cross-entropy of the main and auxiliary heads, mIoU / mAcc / aAcc."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..checkpoint import CheckpointError, read_checkpoint
+from ..engine.config import resolve_config
+from ..engine.distributed import DistEnv
+from ..engine.task import Task
+from .ade import IGNORE_INDEX, SegmentationDataset, build_seg_transform, collate_segmentation
+from .seg_demo import make_seg_demo_dataset
+from .seg_eval import evaluate_segmentation
+from .segmentation import UperNet, load_upernet_weights, upernet
+
+__all__ = ["SegmentationTask", "read_class_names", "segmentation_loss", "segmenter_from_checkpoint"]
+
+_logger = logging.getLogger(__name__)
+
+
+def read_class_names(root: str | Path) -> list[str] | None:
+    """Class names of a dataset folder: ``classes.json`` (a list), or ADE20K's ``objectInfo150``
+    table (``.txt`` tab-separated or ``.csv``, last column; first synonym); None without either."""
+    root = Path(root)
+    if (root / "classes.json").is_file():
+        return [str(c) for c in json.loads((root / "classes.json").read_text())]
+    for name, sep in (("objectInfo150.txt", "\t"), ("objectInfo150.csv", ",")):
+        path = root / name
+        if path.is_file():
+            lines = [line for line in path.read_text().splitlines()[1:] if line.strip()]
+            return [line.split(sep)[-1].split(";")[0].split(",")[0].strip().strip('"') for line in lines]
+    return None
+
+
+def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over labelled pixels (0, not NaN, for a batch with none)."""
+    total = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (masks != IGNORE_INDEX).sum().clamp_min(1)
+
+
+class SegmentationTask(Task):
+    """Label every pixel of ADE20K-layout data (``images/`` and ``annotations/``, each with
+    ``training/`` and ``validation/``); ``best.pth`` follows the validation mIoU."""
+
+    name = "segmentation"
+    best_metric = "mIoU"
+    best_metric_label = "mIoU (%)"
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        if cfg.seg_test_mode not in ("whole", "slide"):
+            raise ValueError(f"--seg-test-mode must be 'whole' or 'slide', got {cfg.seg_test_mode!r}")
+        self.classes: list[str] = []
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def make_demo_data(self, root: Path, *, progress: bool) -> Path:
+        return make_seg_demo_dataset(root, progress=progress)
+
+    def build_datasets(self, data_dir: Path, env: DistEnv) -> tuple[SegmentationDataset, SegmentationDataset | None]:
+        cfg = self.cfg
+        names = read_class_names(data_dir)
+        num_classes = cfg.num_classes or (len(names) if names else None)
+        if num_classes is None:
+            raise ValueError(
+                f"{data_dir} has no classes.json or objectInfo150.txt to count the classes from: pass --num-classes "
+                "(150 for ADE20K)"
+            )
+        if names is not None and len(names) != num_classes:
+            raise ValueError(f"--num-classes {num_classes} but {data_dir} names {len(names)} classes")
+        self.classes = names or [f"class {i}" for i in range(num_classes)]
+        train_tf = build_seg_transform(
+            True, crop_size=cfg.seg_crop_size, scale=cfg.seg_scale, ratio_range=cfg.seg_ratio_range,
+            cat_max_ratio=cfg.seg_cat_max_ratio, hflip=cfg.hflip, photometric=not cfg.no_aug,
+        )
+        common = dict(num_classes=num_classes, reduce_zero_label=cfg.seg_reduce_zero_label)
+        train_set = SegmentationDataset(data_dir, cfg.train_split, train_tf, replace_bad=True, seed=cfg.seed, **common)
+        if not (data_dir / "images" / cfg.val_split).is_dir():
+            _logger.warning("%s has no images/%s: training without validation", data_dir, cfg.val_split)
+            return train_set, None
+        return train_set, SegmentationDataset(data_dir, cfg.val_split, build_seg_transform(False), **common)
+
+    def collate(self, samples: list[Any]) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+        return collate_segmentation(samples)
+
+    def build_model(self) -> UperNet:
+        cfg = self.cfg
+        kwargs = dict(cfg.model_kwargs)
+        if cfg.drop_path is not None:
+            kwargs["drop_path_rate"] = cfg.drop_path
+        model = upernet(
+            cfg.model, self.num_classes, aux_head=cfg.seg_aux_weight > 0, channels=cfg.seg_channels,
+            aux_channels=cfg.seg_aux_channels, **kwargs,
+        )
+        if cfg.initial_checkpoint:
+            load_upernet_weights(model, cfg.initial_checkpoint)
+        return model
+
+    def to_device(self, inputs: list[torch.Tensor], targets: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training batches: crops of one size (padded to the crop size), stacked."""
+        images = torch.stack(inputs).to(device, non_blocking=True)
+        if self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, torch.stack(targets).to(device, non_blocking=True)
+
+    def training_loss(
+        self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, ema: nn.Module | None, epoch: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        logits, aux = model(inputs)
+        main = segmentation_loss(logits, targets)
+        if aux is None:
+            return main, {}
+        aux_loss = segmentation_loss(aux, targets)
+        return main + self.cfg.seg_aux_weight * aux_loss, dict(loss_main=main.item(), loss_aux=aux_loss.item())
+
+    def inference_options(self) -> dict[str, Any]:
+        """Validation inference settings (:func:`mlla.dense.seg_eval.predict_probs` options)."""
+        cfg = self.cfg
+        return dict(scale=cfg.seg_scale, mode=cfg.seg_test_mode, crop_size=cfg.seg_crop_size, stride=cfg.seg_stride)
+
+    def evaluate(
+        self,
+        model: nn.Module,
+        loader: DataLoader,
+        env: DistEnv,
+        *,
+        autocast: Callable[[], ContextManager],
+        progress: bool,
+        desc: str,
+    ) -> dict[str, float]:
+        metrics = evaluate_segmentation(
+            model, loader, self.num_classes, env, progress=progress, desc=desc, autocast=autocast, **self.inference_options()
+        )
+        metrics.pop("images")
+        return metrics
+
+    def describe(self, metrics: dict[str, float]) -> str:
+        return f"mIoU {metrics['mIoU']:.2f}% mAcc {metrics['mAcc']:.2f}% aAcc {metrics['aAcc']:.2f}%"
+
+    def state(self) -> dict[str, Any]:
+        return dict(seg_classes=list(self.classes))
+
+    def check_resume(self, checkpoint: dict[str, Any], path: Path) -> None:
+        saved = checkpoint.get("seg_classes")
+        if saved is not None and list(saved) != self.classes:
+            raise CheckpointError(
+                f"{path} was trained on {len(saved)} classes but the data has {self.num_classes} (or other names); "
+                f"resume on the same data, or start from it with --initial-checkpoint {path} and a new --output"
+            )
+
+
+def segmenter_from_checkpoint(path: str | os.PathLike, *, use_ema: bool = False) -> tuple[UperNet, SegmentationTask]:
+    """The model (eval mode, on the CPU) and its task (settings, class names) of a
+    ``mlla seg train`` checkpoint (``last.pth`` or ``best.pth``); ``use_ema``: its EMA weights."""
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt.get("config"), dict) or "seg_classes" not in ckpt:
+        raise CheckpointError(f"{path} is not a `mlla seg train` checkpoint (it has no run settings and class names)")
+    cfg = dataclasses.replace(resolve_config(overrides=ckpt["config"]), initial_checkpoint=None)
+    task = SegmentationTask(cfg)
+    task.classes = list(ckpt["seg_classes"])
+    model = task.build_model()
+    weights = ckpt.get("model_ema") if use_ema else ckpt.get("model")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path} holds no {'EMA ' if use_ema else ''}weights" + ("; drop --use-ema" if use_ema else ""))
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: weights do not fit the model its settings describe: {str(e).splitlines()[0]}") from e
+    return model.eval(), task
