@@ -65,6 +65,14 @@ def test_paper_setting_layout():
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(128, abs=1)  # paper: 128M
 
 
+def test_mlla_models_upernet_figures_match_the_papers():
+    from mlla.dense.segmentation import PAPER_UPERNET, upernet_stats
+
+    stats, paper = upernet_stats("mlla_base"), PAPER_UPERNET["mlla_base"]
+    assert stats["gmacs"] == pytest.approx(paper["gmacs"], rel=0.01)  # 512x2048, eval mode
+    assert stats["params_m"] == pytest.approx(paper["params_m"], rel=0.01)
+
+
 def test_small_images_are_refused_by_the_model_and_padded_by_inference():
     model = _tiny_model().eval()
     with pytest.raises(ValueError, match=r"H, W >= 32.*pad or resize"):
@@ -190,6 +198,19 @@ def test_authors_backbone_layout_loads_with_no_missing_keys(tmp_path):
     torch.save({"state_dict": sd}, path)
     with pytest.raises(CheckpointError, match=r"missing keys.*stage_norms\.2\.weight"):
         upernet("test_mlla", 150, backbone_checkpoint=path, **TINY, **case["config"])
+
+
+def test_classification_checkpoint_initialises_the_backbone(tmp_path):
+    classifier = mlla.create_model("test_mlla", num_classes=10)
+    path = tmp_path / "cls.pth"
+    torch.save({"model": classifier.state_dict()}, path)
+    model = upernet("test_mlla", 4, backbone_checkpoint=path, **TINY)
+    torch.testing.assert_close(model.backbone.model.stages[3].blocks[0].mlp.fc1.weight,
+                               classifier.stages[3].blocks[0].mlp.fc1.weight)
+    weights = {k: v for k, v in classifier.state_dict().items() if not k.startswith("stages.1.")}
+    torch.save(weights, path)
+    with pytest.raises(CheckpointError, match=r"lacks .* backbone weights: missing keys \['stages\.1\."):
+        upernet("test_mlla", 4, backbone_checkpoint=path, **TINY)
 
 
 def _seg_config(data: Path, output: Path, **kw) -> TrainConfig:

@@ -41,4 +41,20 @@ def run(args: argparse.Namespace) -> int:
             f"{_fmt(r.get('paper_params_m'), '.0f') + ('M' if r.get('paper_params_m') else ''):>13}{_fmt(r.get('paper_gmacs'), '.1f'):>7}{_fmt(r.get('paper_top1'), '.1f'):>7}"
         )
     print("\nparams and GMACs measured here (torch.utils.flop_counter FLOPs / 2); paper columns as published.")
+    _print_upernet(names)
     return 0
+
+
+def _print_upernet(names: list[str]) -> None:
+    """UperNet (ADE20K, 150 classes) at 512x2048 on the MLLA-T/S/B listed, beside the paper's."""
+    from ..dense.segmentation import PAPER_UPERNET, upernet_stats
+
+    backbones = [n for n in ("mlla_tiny", "mlla_small", "mlla_base") if n in names]
+    if not backbones:
+        return
+    print(f"\n{'UperNet (ADE20K) at 512x2048':<34}{'params (M)':>11}{'GMACs':>9}   {'paper: params':>13}{'GMACs':>7}{'mIoU':>6}")
+    for name in backbones:
+        stats, paper = upernet_stats(name), PAPER_UPERNET.get(name, {})
+        print(f"{'upernet + ' + name:<34}{stats['params_m']:>11.2f}{stats['gmacs']:>9.1f}   "
+              f"{_fmt(paper.get('params_m'), '.0f') + ('M' if paper else ''):>13}{_fmt(paper.get('gmacs'), '.0f'):>7}"
+              f"{_fmt(paper.get('miou_ss'), '.1f'):>6}")

@@ -59,7 +59,7 @@ def _outline(draw: ImageDraw.ImageDraw, name: str, box: tuple[float, float, floa
         draw.rectangle((x0, cy - width, x1, cy + width), outline=0, width=1)
 
 
-def draw_seg_scene(rng: random.Random, size: tuple[int, int] = (64, 64)) -> tuple[Image.Image, Image.Image]:
+def draw_seg_scene(rng: random.Random, size: tuple[int, int] = (48, 48)) -> tuple[Image.Image, Image.Image]:
     """One scene: ``(RGB image, label map 'L')`` of ``size = (height, width)``."""
     h, w = size
     base = np.array([rng.randrange(60, 160) for _ in range(3)], np.float32)
@@ -68,20 +68,16 @@ def draw_seg_scene(rng: random.Random, size: tuple[int, int] = (64, 64)) -> tupl
     labels = Image.new("L", (w, h), 1)  # class 0 (background) is stored as 1
     draw_img, draw_lab = ImageDraw.Draw(image), ImageDraw.Draw(labels)
     shapes = list(_HUES)
-    regions = []
     for _ in range(rng.randint(2, 5)):
         name = rng.choice(shapes)
-        extent = rng.uniform(0.25, 0.55) * min(h, w)
+        extent = rng.uniform(0.3, 0.6) * min(h, w)
         x0, y0 = rng.uniform(-0.1 * extent, w - 0.9 * extent), rng.uniform(-0.1 * extent, h - 0.9 * extent)
         box = (x0, y0, x0 + extent, y0 + extent)
-        width = max(2, int(extent * rng.uniform(0.12, 0.2)))
+        width = max(3, int(extent * rng.uniform(0.15, 0.22)))
         colour = tuple(int(np.clip(c + rng.randint(-35, 35), 0, 255)) for c in _HUES[name])
-        label = SEG_DEMO_CLASSES.index(name) + 1
         _draw_region(draw_img, name, box, colour, width)
-        _draw_region(draw_lab, name, box, label, width)
-        regions.append((name, box, width))
-    for name, box, width in regions:
-        _outline(draw_lab, name, box, width)
+        _draw_region(draw_lab, name, box, SEG_DEMO_CLASSES.index(name) + 1, width)
+        _outline(draw_lab, name, box, width)  # later regions cover it where they overlap
     noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 10, (h, w, 3))
     image = Image.fromarray(np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8))
     return image, labels
@@ -90,8 +86,8 @@ def draw_seg_scene(rng: random.Random, size: tuple[int, int] = (64, 64)) -> tupl
 def make_seg_demo_dataset(
     root: str | os.PathLike,
     train_images: int = 400,
-    val_images: int = 60,
-    img_size: tuple[int, int] = (64, 64),
+    val_images: int = 40,
+    img_size: tuple[int, int] = (48, 48),
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
@@ -99,7 +95,7 @@ def make_seg_demo_dataset(
     there). Returns ``root``."""
     root = Path(root)
     settings = dict(train_images=train_images, val_images=val_images, img_size=list(img_size), seed=seed,
-                    classes=list(SEG_DEMO_CLASSES), version=1)
+                    classes=list(SEG_DEMO_CLASSES), version=2)
     marker = root / _MARKER
     if marker.is_file() and json.loads(marker.read_text()) == settings:
         return root

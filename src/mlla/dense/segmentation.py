@@ -23,15 +23,23 @@ from segmentation_models_pytorch.base.initialization import initialize_decoder
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_checkpoint, read_checkpoint, unwrap_features_only
+from ..checkpoint import CheckpointError, read_checkpoint, unwrap_features_only
 from ..models import checkpoint_filter_fn, create_model
 
-__all__ = ["AUX_LOSS_WEIGHT", "FCNHead", "MIN_INPUT_SIZE", "UperNet", "load_backbone_weights", "load_upernet_weights", "upernet"]
+__all__ = [
+    "AUX_LOSS_WEIGHT", "FCNHead", "MIN_INPUT_SIZE", "PAPER_UPERNET", "UperNet", "upernet_stats", "load_backbone_weights", "load_upernet_weights",
+    "upernet",
+]
 
 _logger = logging.getLogger(__name__)
 
 #: Weight of the auxiliary head's loss (the paper's mmseg setting).
 AUX_LOSS_WEIGHT = 0.4
+#: The paper's UperNet figures (SPEC section 5): parameters (M), GFLOPs at 512x2048 as the paper
+#: counts them (multiply-accumulates), ADE20K mIoU single- and multi-scale.
+PAPER_UPERNET: dict[str, dict[str, float]] = {
+    "mlla_base": dict(params_m=128.0, gmacs=1183.0, miou_ss=51.9, miou_ms=52.5),
+}
 #: The backbone's total stride: inputs must be at least this large on each side.
 MIN_INPUT_SIZE = 32
 
@@ -57,7 +65,8 @@ class UperNet(nn.Module):
     """UperNet with an optional FCN auxiliary head over a four-stage ``features_only`` backbone.
 
     Args:
-        backbone: returns four NCHW maps at strides 4, 8, 16, 32 and has ``feature_info``.
+        backbone: returns four maps at strides 4, 8, 16, 32 (NCHW, or NHWC with
+            ``output_fmt == 'NHWC'`` as timm's Swin) and has ``feature_info`` (timm ``features_only``).
         num_classes: output classes (150 for ADE20K).
         channels: width of the pyramid pooling, FPN and fusion convs (512 in the paper).
         aux_head: add the auxiliary FCN head on stage 3.
@@ -81,6 +90,9 @@ class UperNet(nn.Module):
             raise ValueError(f"UperNet needs a backbone with four stages, got {len(dims)} ({dims})")
         self.num_classes = num_classes
         self.backbone = backbone
+        # timm backbones that return channels-last maps (e.g. Swin) are permuted to NCHW.
+        fmt = getattr(backbone, "output_fmt", "NCHW")
+        self.features_nhwc = getattr(fmt, "value", fmt) == "NHWC"
         # smp's decoder reads features at strides 1, 2, 4, ..., 32 and uses those from stride 4 on:
         # the first two channel entries are placeholders it never reads.
         self.decode_head = UPerNetDecoder(
@@ -109,6 +121,8 @@ class UperNet(nn.Module):
         self._check_input(x)
         size = x.shape[-2:]
         features = self.backbone(x)
+        if self.features_nhwc:
+            features = [f.permute(0, 3, 1, 2) for f in features]
         logits = self.classifier(self.dropout(self.decode_head([x, x, *features])))
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
         if not self.training:
@@ -179,17 +193,27 @@ def load_upernet_weights(model: UperNet, path: str | os.PathLike) -> UperNet:
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a ``features_only`` MLLA backbone from any checkpoint layout :func:`mlla.load_checkpoint`
-    reads, requiring every backbone weight: only a classification checkpoint may lack the
-    per-stage norms (it has none; they keep their initial values). Raises
-    :class:`~mlla.CheckpointError` naming the missing weights."""
-    given = set(checkpoint_filter_fn(read_checkpoint(path)))
-    expected = set(unwrap_features_only(backbone).state_dict())
-    missing = sorted(expected - given)
+    """Load a ``features_only`` MLLA backbone from our or the authors' classification checkpoints
+    or the authors' ``backbone.*`` segmentation/detection checkpoints, requiring every backbone
+    weight: only a classification checkpoint may lack the per-stage norms (it has none; they
+    keep their initial values); its classifier and final norm are left out. Raises
+    :class:`~mlla.CheckpointError` naming missing or unexpected weights."""
+    target = unwrap_features_only(backbone)
+    raw = read_checkpoint(path)
+    try:
+        given = set(checkpoint_filter_fn(dict(raw)))
+        state = checkpoint_filter_fn(raw, target)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    own = target.state_dict()
     has_stage_norms = any(k.startswith("stage_norms.") for k in given)
-    lacking = [k for k in missing if has_stage_norms or not k.startswith("stage_norms.")]
-    if lacking:
-        raise CheckpointError(f"{path} lacks {len(lacking)} backbone weights: missing keys {lacking[:8]}")
-    load_checkpoint(backbone, path)
-    _logger.info("backbone weights from %s%s", path, " (per-stage norms: initial values)" if missing else "")
+    missing = sorted(k for k in own if k not in given and (has_stage_norms or not k.startswith("stage_norms.")))
+    unexpected = sorted(k for k in state if k not in own and not k.startswith(("head.", "norm.")))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} lacks {len(missing)} backbone weights: missing keys {missing[:8]}; "
+            f"{len(unexpected)} unexpected keys {unexpected[:8]}"
+        )
+    target.load_state_dict({k: v for k, v in state.items() if k in own})
+    _logger.info("backbone weights from %s%s", path, "" if has_stage_norms else " (per-stage norms: initial values)")
     return backbone
