@@ -217,3 +217,14 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> nn.Mo
     target.load_state_dict({k: v for k, v in state.items() if k in own})
     _logger.info("backbone weights from %s%s", path, "" if has_stage_norms else " (per-stage norms: initial values)")
     return backbone
+
+
+def upernet_stats(model_name: str, img_size: tuple[int, int] = (512, 2048), num_classes: int = 150) -> dict[str, float]:
+    """Parameters (M, auxiliary head included) and GMACs of one eval-mode forward pass at
+    ``img_size`` (the auxiliary head does not run) of the ADE20K UperNet on ``model_name``,
+    counted on the meta device (no memory, about a second)."""
+    from ..profiling import count_gmacs, count_params
+
+    with torch.device("meta"):
+        model = upernet(model_name, num_classes)
+    return dict(params_m=count_params(model) / 1e6, gmacs=count_gmacs(model, (3, *img_size)))
