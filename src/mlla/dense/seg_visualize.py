@@ -32,8 +32,9 @@ def save_overlay(
     alpha: float = 0.5,
     title: str | None = None,
 ) -> Path:
-    """Write ``image`` (``(H, W, 3)`` uint8) beside it with ``labels`` (``(H, W)`` class indices)
-    blended in, and a legend of the classes present (largest first), as a PNG at ``path``."""
+    """Write ``image`` (``(H, W, 3)`` uint8) beside a greyscale copy with the class colours of
+    ``labels`` (``(H, W)`` class indices) blended in, and a legend of the classes present (largest
+    first, with their share of the picture), as a PNG at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,7 +43,8 @@ def save_overlay(
 
     labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
     palette = class_palette(len(class_names))
-    blended = ((1 - alpha) * image + alpha * palette[labels]).astype(np.uint8)
+    grey = image.astype(np.float32).mean(axis=2, keepdims=True)  # class colours read true over grey
+    blended = ((1 - alpha) * grey + alpha * palette[labels]).astype(np.uint8)
     ids, counts = np.unique(labels, return_counts=True)
     shown = [int(i) for i in ids[np.argsort(-counts)]][:20]
     h, w = labels.shape
@@ -51,7 +53,9 @@ def save_overlay(
         ax.imshow(picture)
         ax.set_title(name, fontsize=9)
         ax.axis("off")
-    handles = [Patch(color=palette[i] / 255, label=f"{class_names[i]} ({100 * counts[ids == i][0] / labels.size:.0f}%)") for i in shown]
+    share = {int(i): 100 * c / labels.size for i, c in zip(ids, counts)}
+    handles = [Patch(color=palette[i] / 255, label=f"{class_names[i]} ({share[i]:.0f}%)" if share[i] >= 1 else f"{class_names[i]} (<1%)")
+               for i in shown]
     axes[1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)
