@@ -15,7 +15,7 @@ from mlla.cli import main
 from mlla.data import DEMO_CLASSES, make_demo_dataset
 from mlla.engine import TrainConfig, fit
 
-REFERENCE = Path(__file__).parents[1] / ".." / "shared" / "reference"
+from conftest import REFERENCE_DIR as REFERENCE
 SMALL = dict(embed_dim=32, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8))  # manifest.json, cls_small_96
 SMALL_ARGS = ["--model-kwargs", "embed_dim=32", "depths=1,2,2,1", "num_heads=1,2,4,8"]
 
@@ -24,7 +24,7 @@ SMALL_ARGS = ["--model-kwargs", "embed_dim=32", "depths=1,2,2,1", "num_heads=1,2
 def authors_checkpoint(tmp_path_factory) -> Path:
     """The reference weights in the authors' training-checkpoint layout: a ``.pth`` with ``model``."""
     if not (REFERENCE / "cls_small_96.safetensors").is_file():
-        pytest.skip("reference fixtures (../shared/reference) not present")
+        pytest.skip(f"reference fixtures not found in {REFERENCE}")
     from safetensors.torch import load_file
 
     tensors = load_file(str(REFERENCE / "cls_small_96.safetensors"))

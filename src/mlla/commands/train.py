@@ -68,7 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--model-kwargs", nargs="*", metavar="NAME=VALUE", help="extra model arguments, e.g. embed_dim=32 depths=1,2,2,1")
     g.add_argument("--num-classes", type=int, help="check the data has this many classes")
     g.add_argument("--drop-path", type=_optional(float), help="stochastic depth rate (default: the model's)")
-    g.add_argument("--initial-checkpoint", help="start from these weights (a new classifier is allowed: fine-tuning)")
+    g.add_argument("--initial-checkpoint", help="start from these weights (a new classifier is allowed: fine-tuning); "
+                   "a training checkpoint gives its raw weights")
+    g.add_argument("--initial-checkpoint-ema", action=_BOOL, help="take the EMA weights of --initial-checkpoint instead")
     g.add_argument("--grad-checkpointing", action=_BOOL, help="recompute activations in backward (less memory)")
     g.add_argument("--channels-last", action=_BOOL, help="channels-last input memory format")
     g.add_argument("--sync-bn", action=_BOOL, help="BatchNorm statistics over all processes")

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, atomic_save, load_checkpoint, read_checkpoint
-from ..models import checkpoint_filter_fn
+from ..checkpoint import atomic_save, load_weights, read_checkpoint
 
 __all__ = ["capture_rng", "find_resume", "load_model_weights", "restore_rng", "save_checkpoint"]
 
@@ -68,22 +67,12 @@ def find_resume(resume: str | None, output: Path) -> Path | None:
 
 
 def load_model_weights(model: nn.Module, path: str | os.PathLike, *, use_ema: bool = False) -> dict[str, Any]:
-    """Load a model's weights from ``path`` (ours, the authors' layout or a bare state dict)
-    with :func:`mlla.load_checkpoint`; ``use_ema`` takes the EMA weights of a training checkpoint.
+    """Load a model's weights from ``path`` (ours, the authors' layout or a bare state dict) by
+    :func:`mlla.checkpoint.select_weights`' rule: raw weights, or the EMA ones with ``use_ema``.
 
     Returns the file's entries other than weights (e.g. ``class_to_idx``, ``epoch``). Raises
     :class:`~mlla.CheckpointError` when the weights do not fit (e.g. another number of classes).
     """
     ckpt = read_checkpoint(path)
-    extras = {k: v for k, v in ckpt.items() if not isinstance(v, (dict, torch.Tensor)) or k in ("class_to_idx", "best")}
-    if not use_ema:
-        load_checkpoint(model, path)
-        return extras
-    ema = ckpt.get("model_ema")
-    if not isinstance(ema, dict):
-        raise CheckpointError(f"{path} holds no EMA weights; drop --use-ema")
-    try:
-        model.load_state_dict(checkpoint_filter_fn(ema, model))
-    except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: EMA weights do not fit the model: {str(e).splitlines()[0]}") from e
-    return extras
+    load_weights(model, ckpt, source=str(path), use_ema=use_ema)
+    return {k: v for k, v in ckpt.items() if not isinstance(v, (dict, torch.Tensor)) or k in ("class_to_idx", "best")}

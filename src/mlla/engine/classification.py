@@ -97,8 +97,8 @@ class ClassificationTask(Task):
             kwargs["drop_path_rate"] = cfg.drop_path
         model = create_model(cfg.model, **kwargs)
         if cfg.initial_checkpoint:
-            load_checkpoint(model, cfg.initial_checkpoint, allow_head_mismatch=True)
-            _logger.info("initial weights from %s", cfg.initial_checkpoint)
+            load_checkpoint(model, cfg.initial_checkpoint, allow_head_mismatch=True, use_ema=cfg.initial_checkpoint_ema)
+            _logger.info("initial weights from %s%s", cfg.initial_checkpoint, " (EMA)" if cfg.initial_checkpoint_ema else "")
         return model
 
     def training_loss(

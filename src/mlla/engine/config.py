@@ -30,6 +30,7 @@ class TrainConfig:
     num_classes: int | None = None  # None: the number of class folders
     drop_path: float | None = None  # None: the model's default
     initial_checkpoint: str | None = None  # weights to start from (fine-tuning; new head allowed)
+    initial_checkpoint_ema: bool = False  # take initial_checkpoint's EMA weights, not its raw ones
     grad_checkpointing: bool = False
     channels_last: bool = False
     sync_bn: bool = False
