@@ -103,4 +103,5 @@ def test_validate_our_checkpoint_matches_the_training_run_raw_and_ema(tmp_path, 
     ema = _validate(capsys, *args, "--use-ema")
     assert raw["model"] == "test_mlla" and raw["images"] == 9
     assert raw["top1"] == pytest.approx(row["val_top1"]) and raw["loss"] == pytest.approx(row["val_loss"], rel=1e-5)
-    assert ema["top1"] == pytest.approx(row["ema_top1"])
+    assert ema["top1"] == pytest.approx(row["ema_top1"]) and ema["top5"] == pytest.approx(row["ema_top5"])
+    assert ema["ema"] and abs(ema["loss"] - raw["loss"]) > 1e-6  # other weights: the EMA ones, not the raw ones
