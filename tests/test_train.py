@@ -15,7 +15,7 @@ import torch
 import mlla
 from mlla.data import DEMO_CLASSES, make_demo_dataset
 from mlla.engine import TrainConfig, fit
-from mlla.engine import trainer as trainer_module
+from mlla.engine import classification as classification_module
 
 
 def _config(data: Path, output: Path, **kw) -> TrainConfig:
@@ -102,7 +102,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
             with torch.no_grad():
                 made[-1].head.fc.bias.fill_(float("nan"))
 
-    monkeypatch.setattr(trainer_module, "create_model", create_model)
+    monkeypatch.setattr(classification_module, "create_model", create_model)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match=r"loss became nan at epoch 2.*last good checkpoint is .*last\.pth"):
         fit(_config(data4, out, model_ema=False), on_step=poison)
@@ -161,3 +161,68 @@ def test_cli_train_exits_cleanly_on_sigterm(data4, tmp_path):
     assert proc.returncode == 0, err
     assert "SIGTERM received" in err and "--resume auto" in err
     assert torch.load(out / "last.pth", weights_only=True)["global_step"] >= 1
+
+
+def test_step_and_poly_schedules_follow_the_recipes(data4):
+    from mlla.engine.schedule import build_scheduler
+
+    def lrs(**kw):
+        cfg = TrainConfig(model="test_mlla", epochs=12, lr=1e-4, lr_base=1e-4, warmup_lr_base=1e-7, min_lr_base=0.0, **kw)
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+        scheduler, warmup = build_scheduler(opt, cfg, steps_per_epoch=10, warmup_lr=1e-7, min_lr=0.0)
+        out = []
+        for step in range(120):
+            scheduler.step_update(step)
+            out.append(opt.param_groups[0]["lr"])
+        return out, warmup
+
+    step, warmup = lrs(sched="step", decay_milestones=(8, 11), warmup_steps=5)
+    assert warmup == 5 and step[0] < 1e-5 and step[5] == pytest.approx(1e-4)
+    assert step[79] == pytest.approx(1e-4) and step[80] == pytest.approx(1e-5) and step[110] == pytest.approx(1e-6)
+    poly, _ = lrs(sched="poly", poly_power=1.0, warmup_steps=0)
+    assert poly[0] == pytest.approx(1e-4) and poly[60] == pytest.approx(0.5e-4, rel=0.02)
+    assert all(a >= b for a, b in zip(poly, poly[1:]))
+    with pytest.raises(ValueError, match="unknown --sched 'linear'"):
+        lrs(sched="linear")
+
+
+class _MeanColourTask(mlla.engine.Task):
+    """A task of another kind than classification: regress each image's mean colour."""
+
+    name, best_metric, best_metric_label = "mean-colour", "neg_mse", "-MSE"
+
+    def build_datasets(self, data_dir, env):
+        g = torch.Generator().manual_seed(0)
+        images = torch.rand(24, 3, 16, 16, generator=g)
+        data = [(x, x.mean(dim=(1, 2))) for x in images]
+        return data[:16], data[16:]
+
+    def collate(self, samples):
+        return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples]), 0
+
+    def build_model(self):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 3))
+
+    def training_loss(self, model, inputs, targets, *, ema, epoch):
+        loss = torch.nn.functional.mse_loss(model(inputs), targets)
+        return loss, dict(mse=loss.item())
+
+    def evaluate(self, model, loader, env, *, autocast, progress, desc):
+        with torch.no_grad():
+            errors = [torch.nn.functional.mse_loss(model(x), y).item() for x, y, _ in loader]
+        return dict(neg_mse=-sum(errors) / len(errors))
+
+
+def test_a_new_task_plugs_into_the_one_engine(tmp_path):
+    out = tmp_path / "run"
+    cfg = TrainConfig(model="custom", data_dir=str(tmp_path), output=str(out), epochs=3, batch_size=4, workers=0,
+                      progress=False, amp=False, lr=1e-2, warmup_epochs=0, model_ema=True, model_ema_decay=0.5,
+                      model_ema_decay_batch=0, sched="step", decay_milestones=(2,))
+    summary = fit(cfg, task=_MeanColourTask(cfg))
+    rows = _rows(out)
+    assert summary["status"] == "finished" and [r["epoch"] for r in rows] == [0, 1, 2]
+    assert {"train_mse", "val_neg_mse", "ema_neg_mse"} <= set(rows[0])
+    assert rows[-1]["val_neg_mse"] > rows[0]["val_neg_mse"]
+    assert summary["best"]["score"] == max(max(r["val_neg_mse"], r["ema_neg_mse"]) for r in rows)
+    assert "val_neg_mse" in (out / "metrics.csv").read_text().splitlines()[0]
+    assert (out / "metrics.png").is_file() and (out / "best.pth").is_file()

@@ -24,6 +24,13 @@ def _pair(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"expected two numbers like 0.9,0.999, got {text!r}") from None
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas like 8,11, got {text!r}") from None
+
+
 def _optional(kind: type) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         return None if text.lower() in ("none", "null", "off", "") else kind(text)
@@ -84,6 +91,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--min-lr-base", type=float)
     g.add_argument("--lr-base-size", type=int)
     g.add_argument("--warmup-epochs", type=float)
+    g.add_argument("--warmup-steps", type=_optional(int), help="warm-up in optimizer steps (overrides --warmup-epochs)")
+    g.add_argument("--sched", choices=["cosine", "step", "poly"], help="decay after the warm-up (default: cosine)")
+    g.add_argument("--decay-milestones", type=_floats, help="epochs at which 'step' multiplies the rate by --decay-rate, e.g. 8,11")
+    g.add_argument("--decay-rate", type=float)
+    g.add_argument("--poly-power", type=float, help="exponent of the 'poly' decay")
     g.add_argument("--clip-grad", type=_optional(float), help="gradient norm clip (none: off)")
     g.add_argument("--amp", action=_BOOL, help="mixed precision")
     g.add_argument("--amp-dtype", choices=["auto", "bfloat16", "float16"])

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .dataset import ImageFolderDataset, collate_skipping
+from .dataset import collate_skipping
 from .failures import FailureLog
 
 __all__ = ["CountingLoader", "ResumableSampler", "available_cores", "build_loader", "default_workers"]
@@ -27,7 +27,7 @@ class ResumableSampler(DistributedSampler):
     every sample is seen exactly once over all processes.
     """
 
-    def __init__(self, dataset: ImageFolderDataset, *, num_replicas: int, rank: int, shuffle: bool, seed: int, drop_last: bool) -> None:
+    def __init__(self, dataset: Dataset, *, num_replicas: int, rank: int, shuffle: bool, seed: int, drop_last: bool) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.start = 0
 
@@ -94,7 +94,7 @@ class CountingLoader(DataLoader):
 
 
 def build_loader(
-    dataset: ImageFolderDataset,
+    dataset: Dataset,
     batch_size: int,
     *,
     is_training: bool,
@@ -104,9 +104,10 @@ def build_loader(
     world_size: int = 1,
     pin_memory: bool = False,
     max_failed_fraction: float | None = 0.01,
-    collate_fn: Callable[[list], Any] = collate_skipping,
+    collate_fn: Callable[[list[Any]], Any] = collate_skipping,
 ) -> CountingLoader:
-    """A loader of ``(images, targets, skipped)`` batches; training drops the last partial batch.
+    """A loader of ``collate_fn``'s batches (by default ``(images, targets, skipped)``); training
+    drops the last partial batch.
 
     The loader's own generator seeds the workers, so building an iterator does not draw from
     the global random state (which a resumed run restores from its checkpoint). ``workers``

@@ -23,7 +23,8 @@ class TrainConfig:
     """Every setting of a training run. Learning rates are given at a total batch of
     ``lr_base_size`` and scaled linearly with the actual total batch (``lr`` overrides)."""
 
-    # model
+    # task and model
+    task: str = "classification"  # classification, detection, segmentation (mlla.engine.task.TASKS)
     model: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     num_classes: int | None = None  # None: the number of class folders
@@ -59,6 +60,11 @@ class TrainConfig:
     min_lr_base: float = 5e-6
     lr_base_size: int = 512
     warmup_epochs: float = 20
+    warmup_steps: int | None = None  # overrides warmup_epochs
+    sched: str = "cosine"  # cosine, step (x decay_rate at each of decay_milestones) or poly
+    decay_milestones: tuple[float, ...] = ()  # epochs, for sched 'step'
+    decay_rate: float = 0.1
+    poly_power: float = 1.0
     clip_grad: float | None = 5.0
     amp: bool = True
     amp_dtype: str = "auto"  # auto: bfloat16 (float16 on GPUs without bfloat16)

@@ -1,5 +1,5 @@
 """Per-epoch metrics: appended to ``metrics.jsonl`` and ``metrics.csv``, optionally to
-TensorBoard, and drawn as ``metrics.png`` (loss and top-1 curves). Only rank 0 writes."""
+TensorBoard, and drawn as ``metrics.png`` (loss and the task's main metric). Only rank 0 writes."""
 from __future__ import annotations
 
 import csv
@@ -15,10 +15,13 @@ __all__ = ["METRIC_FIELDS", "MetricsLog", "plot_metrics"]
 
 _logger = logging.getLogger(__name__)
 
-METRIC_FIELDS = (
-    "epoch", "step", "lr", "train_loss", "train_skipped", "val_loss", "val_top1", "val_top5",
-    "ema_top1", "ema_top5", "val_skipped", "epoch_time_s", "train_img_per_s",
-)
+#: The columns every task's rows have, first in ``metrics.csv``; the task's own follow.
+METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "train_skipped", "epoch_time_s", "train_img_per_s")
+
+
+def _csv_fields(rows: list[dict[str, Any]]) -> list[str]:
+    extra = dict.fromkeys(k for r in rows for k in r if k not in METRIC_FIELDS)
+    return [*METRIC_FIELDS, *extra]
 
 
 class MetricsLog:
@@ -46,17 +49,21 @@ class MetricsLog:
         text = "".join(json.dumps(r) + "\n" for r in self.rows)
         atomic_save(lambda tmp: Path(tmp).write_text(text), self.jsonl)
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(buf, fieldnames=_csv_fields(self.rows))
         writer.writeheader()
         writer.writerows(self.rows)
         atomic_save(lambda tmp: Path(tmp).write_text(buf.getvalue()), self.csv)
 
     def append(self, row: dict[str, Any]) -> None:
+        fields = _csv_fields(self.rows)
         self.rows.append(row)
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
-        with open(self.csv, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=METRIC_FIELDS, extrasaction="ignore").writerow(row)
+        if _csv_fields(self.rows) != fields:  # new columns: rewrite the whole table
+            self._rewrite()
+        else:
+            with open(self.csv, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=fields).writerow(row)
         if self.tb is not None:
             for k, v in row.items():
                 if k not in ("epoch", "step") and isinstance(v, (int, float)):
@@ -68,8 +75,11 @@ class MetricsLog:
             self.tb.close()
 
 
-def plot_metrics(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Loss (train, val) and top-1 (raw, EMA) per epoch as a PNG; None without rows."""
+def plot_metrics(
+    rows: list[dict[str, Any]], path: Path, *, metric: str = "top1", metric_label: str = "top-1 (%)"
+) -> Path | None:
+    """Loss (train, val) and ``metric`` (``val_<metric>``, ``ema_<metric>``) per epoch as a PNG;
+    None without rows."""
     if not rows:
         return None
     import matplotlib
@@ -82,11 +92,11 @@ def plot_metrics(rows: list[dict[str, Any]], path: Path) -> Path | None:
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
         if any(r.get(key) is not None for r in rows):
             ax_loss.plot(epochs, [r.get(key) for r in rows], marker="o", label=label)
-    for key, label in (("val_top1", "model"), ("ema_top1", "EMA")):
+    for key, label in ((f"val_{metric}", "model"), (f"ema_{metric}", "EMA")):
         if any(r.get(key) is not None for r in rows):
             ax_acc.plot(epochs, [r.get(key) for r in rows], marker="o", label=label)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="validation top-1")
+    ax_acc.set(xlabel="epoch", ylabel=metric_label or metric, title=f"validation {metric_label or metric}")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         if ax.lines:

@@ -1,10 +1,10 @@
-"""The training loop: the paper's recipe (SPEC section 4) on one process or many, resumable.
+"""The training engine: one loop for every task, on one process or many, resumable.
 
-Per step: Mixup/CutMix -> forward under autocast -> loss (+ MESA against the EMA model) ->
-all processes agree the loss is finite and whether to stop -> backward, gradient clipping,
-AdamW step -> per-step warm-up + cosine learning rate -> EMA update. Per epoch: raw and EMA
-validation, a metrics row, ``last.pth`` (and ``best.pth``). SIGTERM/SIGINT finish the current
-step, save ``last.pth`` and return; ``--resume auto`` continues bit for bit.
+Per step: the task's loss of a batch under autocast -> all processes agree the loss is finite and
+whether to stop -> backward, gradient clipping, optimizer step -> per-step learning rate -> EMA
+update. Per epoch: the task's evaluation of the model and of its EMA, a metrics row, ``last.pth``
+(and ``best.pth``). SIGTERM/SIGINT finish the current step, save ``last.pth`` and return;
+``--resume auto`` continues bit for bit. What a task computes lives in :mod:`mlla.engine.task`.
 """
 from __future__ import annotations
 
@@ -18,40 +18,38 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 import torch
-from timm.data import Mixup
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError, load_checkpoint, read_checkpoint
-from ..data import ImageFolderDataset, build_loader, build_transform, find_split, make_demo_dataset
-from ..models import create_model
+from ..checkpoint import CheckpointError, read_checkpoint
+from ..data import build_loader
 from .checkpointing import capture_rng, find_resume, restore_rng, save_checkpoint
 from .config import TrainConfig, save_yaml
 from .distributed import DistEnv, all_reduce_sum, convert_sync_batchnorm, destroy_distributed, init_distributed
-from .evaluate import evaluate
 from .metrics import MetricsLog, plot_metrics
+from .schedule import build_scheduler
+from .task import Task, build_task
 
 __all__ = ["Trainer", "fit"]
 
 _logger = logging.getLogger(__name__)
 
 
-def fit(cfg: TrainConfig, *, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+def fit(cfg: TrainConfig, *, task: Task | None = None, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train as ``cfg`` says (joining ``torchrun``'s process group if there is one).
 
-    ``on_step(global_step)`` is called after every optimizer step. Returns a summary:
-    ``status`` ('finished' or 'interrupted'), ``output``, ``epoch`` (epochs done), ``best``
-    (``score``: the best raw or EMA top-1, or minus the training loss without validation, and
-    its ``epoch``) and ``last`` (the last metrics row). Raises RuntimeError on a non-finite loss (the last good checkpoint is kept).
+    ``task`` defaults to the one ``cfg.task`` names. ``on_step(global_step)`` is called after
+    every optimizer step. Returns a summary: ``status`` ('finished' or 'interrupted'),
+    ``output``, ``epoch`` (epochs done), ``best`` (``score``: the best raw or EMA value of the
+    task's ``best_metric``, or minus the training loss without validation, and its ``epoch``)
+    and ``last`` (the last metrics row). Raises RuntimeError on a non-finite loss (the last good
+    checkpoint is kept).
     """
     env = init_distributed(cfg.device)
     try:
-        return Trainer(cfg, env, on_step=on_step).run()
+        return Trainer(cfg, env, task=task, on_step=on_step).run()
     finally:
         destroy_distributed()
 
@@ -83,12 +81,20 @@ class _StopOnSignal:
 
 
 class Trainer:
-    """Builds data, model, EMA, optimizer and schedule from ``cfg`` and runs the epochs."""
+    """Builds the task's data and model, the EMA, optimizer and schedule from ``cfg``, and runs the epochs."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv = DistEnv(), *, on_step: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        env: DistEnv = DistEnv(),
+        *,
+        task: Task | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
         if not cfg.model:
             raise ValueError("no model given: pass --model NAME (see `mlla models`) or a --preset")
         self.cfg, self.env, self.on_step = cfg, env, on_step
+        self.task = task or build_task(cfg)
         self.output = Path(cfg.output or Path("runs") / cfg.model)
         self.resume_from = find_resume(cfg.resume, self.output)
         if self.resume_from is None and (self.output / "last.pth").is_file():
@@ -104,7 +110,7 @@ class Trainer:
         self._build_optimization()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best: dict[str, float] = {}
-        self.meters = torch.zeros(3, dtype=torch.float64)  # loss sum, steps, skipped images
+        self.meters: dict[str, float] = {}  # the partial epoch's sums: loss, steps, images, skipped, loss parts
         rng = self._resume() if self.resume_from else None
         if env.is_main:
             save_yaml(cfg, self.output / "config.yaml")
@@ -134,39 +140,20 @@ class Trainer:
             root = self.output / "demo_data"
             if env.is_main:
                 _logger.info("no --data-dir: using the generated demo dataset in %s", root)
-                make_demo_dataset(root, progress=cfg.progress)
+                self.task.make_demo_data(root, progress=cfg.progress)
             self._barrier()
         self.data_dir = Path(root)
-        transform_args = dict(img_size=cfg.img_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
-        # Transforms need the model's mean/std: build them from a meta-device copy's config.
-        with torch.device("meta"):
-            probe = create_model(cfg.model, num_classes=0, **cfg.model_kwargs)
-        train_tf = build_transform(
-            probe, is_training=True, no_aug=cfg.no_aug, scale=cfg.scale, hflip=cfg.hflip, aa=cfg.aa,
-            color_jitter=cfg.color_jitter, reprob=cfg.reprob, remode=cfg.remode, **transform_args,
-        )
-        self.train_set = ImageFolderDataset(find_split(self.data_dir, cfg.train_split), train_tf, replace_bad=True, seed=cfg.seed)
-        self.class_to_idx = self.train_set.class_to_idx
-        self.num_classes = len(self.class_to_idx)
-        if cfg.num_classes is not None and cfg.num_classes != self.num_classes:
-            raise ValueError(
-                f"--num-classes {cfg.num_classes} but {self.train_set.root} has {self.num_classes} class folders"
-            )
-        try:
-            val_root = find_split(self.data_dir, cfg.val_split)
-        except FileNotFoundError as e:
-            _logger.warning("%s: training without validation (best.pth follows the training loss)", e)
-            self.val_set = None
-        else:
-            val_tf = build_transform(probe, is_training=False, **transform_args)
-            self.val_set = ImageFolderDataset(val_root, val_tf, class_to_idx=self.class_to_idx)
+        self.train_set, self.val_set = self.task.build_datasets(self.data_dir, env)
         global_batch = cfg.batch_size * env.world_size
         if len(self.train_set) < global_batch:
             raise ValueError(
-                f"{self.train_set.root} has {len(self.train_set)} images, fewer than one batch of {global_batch} "
+                f"the training set has {len(self.train_set)} samples, fewer than one batch of {global_batch} "
                 f"({cfg.batch_size} x {env.world_size} processes); lower --batch-size"
             )
-        loader_args = dict(workers=cfg.workers, seed=cfg.seed, rank=env.rank, world_size=env.world_size, pin_memory=env.device.type == "cuda")
+        loader_args = dict(
+            workers=cfg.workers, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
+            pin_memory=env.device.type == "cuda", collate_fn=self.task.collate,
+        )
         self.train_loader = build_loader(self.train_set, cfg.batch_size, is_training=True, **loader_args)
         self.val_loader = None
         if self.val_set is not None:
@@ -174,13 +161,7 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg, env = self.cfg, self.env
-        kwargs = dict(cfg.model_kwargs, num_classes=self.num_classes)
-        if cfg.drop_path is not None:
-            kwargs["drop_path_rate"] = cfg.drop_path
-        model = create_model(cfg.model, **kwargs)
-        if cfg.initial_checkpoint:
-            load_checkpoint(model, cfg.initial_checkpoint, allow_head_mismatch=True)
-            _logger.info("initial weights from %s", cfg.initial_checkpoint)
+        model = self.task.build_model()
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
         if cfg.sync_bn and env.distributed:
@@ -192,7 +173,10 @@ class Trainer:
         global_batch = cfg.batch_size * env.world_size
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay(global_batch)) if cfg.model_ema else None
         self.ddp_model = (
-            DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+            DistributedDataParallel(
+                model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                find_unused_parameters=self.task.find_unused_parameters,
+            )
             if env.distributed else model
         )
 
@@ -204,36 +188,13 @@ class Trainer:
             self.model, cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.opt_betas), eps=cfg.opt_eps
         )
         self.steps_per_epoch = len(self.train_loader)
-        total = cfg.epochs * self.steps_per_epoch
-        warmup = min(int(cfg.warmup_epochs * self.steps_per_epoch), total)
-        self.scheduler = CosineLRScheduler(
-            self.optimizer, t_initial=max(1, total - warmup), lr_min=min_lr, warmup_t=warmup,
-            warmup_lr_init=warmup_lr, warmup_prefix=True, t_in_epochs=False,
-        )
-        self.scheduler.step_update(0)
-        self.mixup = None
-        if not cfg.no_aug and (cfg.mixup > 0 or cfg.cutmix > 0):
-            if cfg.batch_size % 2:
-                raise ValueError(f"Mixup/CutMix need an even --batch-size, got {cfg.batch_size}")
-            self.mixup = Mixup(
-                mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.smoothing, num_classes=self.num_classes,
-            )
-            self.criterion: nn.Module = SoftTargetCrossEntropy()
-        elif cfg.smoothing > 0:
-            self.criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
-        else:
-            self.criterion = nn.CrossEntropyLoss()
-        self.mesa_criterion = SoftTargetCrossEntropy()
-        self.mesa_start_epoch = math.ceil(cfg.mesa_start * cfg.epochs)
-        if cfg.mesa > 0 and self.ema is None:
-            raise ValueError("MESA (--mesa > 0) learns from the EMA model: turn on --model-ema or set --mesa 0")
+        self.scheduler, warmup = build_scheduler(self.optimizer, cfg, self.steps_per_epoch, warmup_lr, min_lr)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         _logger.info(
-            "%d process(es) x batch %d = %d images/step, %d steps/epoch; lr %.3g (warm-up %d steps from %.3g, cosine to %.3g)%s",
-            env.world_size, cfg.batch_size, global_batch, self.steps_per_epoch, self.lr, warmup, warmup_lr, min_lr,
-            f"; EMA decay {cfg.ema_decay(global_batch):.6f}" if self.ema else "",
+            "%s: %d process(es) x batch %d = %d images/step, %d steps/epoch; lr %.3g (warm-up %d steps from %.3g, %s to %.3g)%s",
+            self.task.name, env.world_size, cfg.batch_size, global_batch, self.steps_per_epoch, self.lr, warmup,
+            warmup_lr, cfg.sched, min_lr, f"; EMA decay {cfg.ema_decay(global_batch):.6f}" if self.ema else "",
         )
 
     def _amp_dtype(self) -> torch.dtype | None:
@@ -258,13 +219,7 @@ class Trainer:
 
     def _resume(self) -> dict[str, Any]:
         ckpt = read_checkpoint(self.resume_from)
-        saved_classes = ckpt.get("class_to_idx")
-        if saved_classes is not None and saved_classes != self.class_to_idx:
-            raise CheckpointError(
-                f"{self.resume_from} was trained on {len(saved_classes)} classes but {self.train_set.root} has "
-                f"{self.num_classes} (or other names); resume on the same data, or fine-tune from it with "
-                f"--initial-checkpoint {self.resume_from} and a new --output"
-            )
+        self.task.check_resume(ckpt, self.resume_from)
         try:
             self.model.load_state_dict(ckpt["model"])
             if self.ema is not None:
@@ -276,7 +231,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         self.best = dict(ckpt["best"])
-        self.meters = ckpt["meters"].clone()
+        self.meters = dict(ckpt["meters"])
         _logger.info("resumed from %s: epoch %d, step %d of %d", self.resume_from, self.epoch + 1, self.step_in_epoch, self.steps_per_epoch)
         return ckpt["rng"]
 
@@ -292,10 +247,10 @@ class Trainer:
             step_in_epoch=self.step_in_epoch,
             global_step=self.global_step,
             best=self.best,
-            meters=self.meters.clone(),
+            meters=dict(self.meters),
             rng=rng,
             config=self.cfg.to_dict(),
-            class_to_idx=self.class_to_idx,
+            **self.task.state(),
         )
 
     def save_last(self) -> None:
@@ -303,7 +258,9 @@ class Trainer:
             save_checkpoint(self._state(capture_rng()), self.output / "last.pth")
 
     def _save_best(self, row: dict[str, Any]) -> None:
-        score = max((row[k] for k in ("val_top1", "ema_top1") if row.get(k) is not None), default=-row["train_loss"])
+        metric = self.task.best_metric
+        candidates = [row[k] for k in (f"val_{metric}", f"ema_{metric}") if row.get(k) is not None]
+        score = max(candidates, default=-row["train_loss"])
         if score <= self.best.get("score", -math.inf):
             return
         self.best = dict(score=score, epoch=row["epoch"])
@@ -311,7 +268,7 @@ class Trainer:
             save_checkpoint(
                 dict(
                     model=self.model.state_dict(), model_ema=self.ema.module.state_dict() if self.ema else None,
-                    epoch=row["epoch"], metrics=row, config=self.cfg.to_dict(), class_to_idx=self.class_to_idx,
+                    epoch=row["epoch"], metrics=row, config=self.cfg.to_dict(), **self.task.state(),
                 ),
                 self.output / "best.pth",
             )
@@ -332,31 +289,26 @@ class Trainer:
             f"stopped without saving: {kept}. Lower --lr, set --clip-grad, or turn off --amp, then --resume auto"
         )
 
+    def _count(self, **values: float) -> None:
+        for k, v in values.items():
+            self.meters[k] = self.meters.get(k, 0.0) + float(v)
+
     def train_one_epoch(self) -> bool:
         """Run the rest of epoch ``self.epoch``; False when stopped by a signal (state saved)."""
         cfg, env = self.cfg, self.env
-        self.train_set.set_epoch(self.epoch)
+        if hasattr(self.train_set, "set_epoch"):
+            self.train_set.set_epoch(self.epoch)
         self.train_loader.sampler.set_epoch(self.epoch, start=self.step_in_epoch * cfg.batch_size)
-        mesa = cfg.mesa if self.ema is not None and self.epoch >= self.mesa_start_epoch else 0.0
+        ema = self.ema.module if self.ema is not None else None
         self.ddp_model.train()
         bar = tqdm(
             self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", initial=self.step_in_epoch,
             total=self.steps_per_epoch, disable=not (cfg.progress and env.is_main), dynamic_ncols=True,
         )
-        for images, targets, skipped in bar:
-            images = images.to(env.device, non_blocking=True)
-            targets = targets.to(env.device, non_blocking=True)
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            if self.mixup is not None:
-                images, targets = self.mixup(images, targets)
+        for inputs, targets, skipped in bar:
+            inputs, targets = self.task.to_device(inputs, targets, env.device)
             with self.autocast():
-                logits = self.ddp_model(images)
-                loss = self.criterion(logits.float(), targets)
-                if mesa:
-                    with torch.no_grad():
-                        teacher = self.ema.module(images).float().softmax(dim=-1)
-                    loss = loss + mesa * self.mesa_criterion(logits.float(), teacher)
+                loss, parts = self.task.training_loss(self.ddp_model, inputs, targets, ema=ema, epoch=self.epoch)
             finite, stop = self._agree(loss)
             if not finite:
                 raise self._nonfinite_error(loss, self.step_in_epoch)
@@ -372,7 +324,7 @@ class Trainer:
             self.scheduler.step_update(self.global_step)
             if self.ema is not None:
                 self.ema.update(self.model)
-            self.meters += torch.tensor([loss.item(), 1.0, float(skipped)], dtype=torch.float64)
+            self._count(loss=loss.item(), steps=1, images=self.task.num_images(inputs), skipped=skipped, **parts)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}", refresh=False)
             if self.on_step is not None:
                 self.on_step(self.global_step)
@@ -385,28 +337,32 @@ class Trainer:
         return True
 
     def _end_epoch(self, seconds: float) -> dict[str, Any]:
-        cfg = self.cfg
-        loss_sum, steps, skipped = all_reduce_sum(self.meters, self.env).tolist()
+        names = sorted(self.meters)  # the same order on every process
+        sums = all_reduce_sum(torch.tensor([self.meters[k] for k in names], dtype=torch.float64), self.env)
+        totals = dict(zip(names, sums.tolist()))
+        steps = max(totals.pop("steps", 0.0), 1.0)
         row: dict[str, Any] = dict(
             epoch=self.epoch, step=self.global_step, lr=self.optimizer.param_groups[0]["lr"],
-            train_loss=loss_sum / max(steps, 1), train_skipped=int(skipped),
+            train_loss=totals.pop("loss", 0.0) / steps, train_skipped=int(totals.pop("skipped", 0.0)),
         )
+        images = totals.pop("images", 0.0)
+        row.update({f"train_{k}": v / steps for k, v in totals.items()})  # the task's loss parts
         if self.val_loader is not None:
-            eval_args = dict(autocast=self.autocast, channels_last=cfg.channels_last, progress=cfg.progress)
-            raw = evaluate(self.model, self.val_loader, self.env, desc="validate", **eval_args)
-            row.update(val_loss=raw["loss"], val_top1=raw["top1"], val_top5=raw["top5"], val_skipped=raw["skipped"])
+            eval_args = dict(autocast=self.autocast, progress=self.cfg.progress)
+            raw = self.task.evaluate(self.model, self.val_loader, self.env, desc="validate", **eval_args)
+            row.update({f"val_{k}": v for k, v in raw.items()})
             if self.ema is not None:
-                ema = evaluate(self.ema.module, self.val_loader, self.env, desc="validate EMA", **eval_args)
-                row.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
-        row.update(epoch_time_s=seconds, train_img_per_s=steps * cfg.batch_size * self.env.world_size / max(seconds, 1e-9))
+                ema = self.task.evaluate(self.ema.module, self.val_loader, self.env, desc="validate EMA", **eval_args)
+                row.update({f"ema_{k}": v for k, v in ema.items() if k != "skipped"})
+        row.update(epoch_time_s=seconds, train_img_per_s=images / max(seconds, 1e-9))
         return row
 
     def _log_epoch(self, row: dict[str, Any]) -> None:
         parts = [f"epoch {row['epoch'] + 1}/{self.cfg.epochs}", f"train loss {row['train_loss']:.4f}"]
-        if "val_top1" in row:
-            parts.append(f"val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f}% top-5 {row['val_top5']:.2f}%")
-        if "ema_top1" in row:
-            parts.append(f"EMA top-1 {row['ema_top1']:.2f}%")
+        for prefix, label in (("val_", "val"), ("ema_", "EMA")):
+            metrics = {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}
+            if metrics:
+                parts.append(f"{label} {self.task.describe(metrics)}")
         skipped = row["train_skipped"] + row.get("val_skipped", 0)
         parts.append(f"{skipped} unreadable images skipped" if skipped else "no unreadable images")
         parts.append(f"{row['train_img_per_s']:.0f} img/s")
@@ -426,11 +382,12 @@ class Trainer:
                 row = self._end_epoch(time.perf_counter() - start)
                 self._save_best(row)
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                self.meters.zero_()
+                self.meters = {}
                 self.save_last()
                 if env.is_main:
                     self.metrics.append(row)
-                    plot_metrics(self.metrics.rows, self.output / "metrics.png")
+                    plot_metrics(self.metrics.rows, self.output / "metrics.png", metric=self.task.best_metric,
+                                 metric_label=self.task.best_metric_label)
                     self._log_epoch(row)
                 if self._agree(torch.zeros(()))[1]:
                     status = "interrupted"
