@@ -58,3 +58,21 @@ def test_cli_exports_checkpoint_and_checks(traced, tmp_path, monkeypatch, capsys
     rc = main(["export", "--model", "test_mlla", "--num-classes", "5", "--output", str(tmp_path / "n.pt2"), "--format", "torch-export",
                "--example-size", "64", "--check-sizes", "64"])
     assert rc == 2 and "differ from PyTorch" in capsys.readouterr().err
+
+
+def test_cli_check_sizes_none_and_output_checked_before_export(traced, tmp_path, monkeypatch, capsys):
+    model, program = traced
+    monkeypatch.setattr(export_module, "export_program", lambda *a, **k: program)
+    out = tmp_path / "m.pt2"
+    rc = main(["export", "--model", "test_mlla", "--num-classes", "5", "--format", "torch-export", "--output", str(out),
+               "--example-size", "64", "--check-sizes", "none"])
+    captured = capsys.readouterr()
+    assert rc == 0 and out.is_file() and "match PyTorch" not in captured.out, captured.err
+
+    def no_export(*a, **k):
+        raise AssertionError("the output path must be refused before exporting")
+
+    monkeypatch.setattr(export_module, "export_program", no_export)
+    for bad, message in ((tmp_path, "is a folder"), (out / "sub.onnx", "is a file")):
+        rc = main(["export", "--model", "test_mlla", "--output", str(bad)])
+        assert rc == 2 and message in capsys.readouterr().err
