@@ -202,3 +202,15 @@ def test_ctrl_c_is_reported_once_not_once_per_worker(data4, tmp_path):
     assert proc.returncode == 0, err
     assert err.count("SIGINT received") == 1, err
     assert "Traceback" not in err, err
+
+
+def test_schedule_warnings_once_the_steps_are_known():
+    from mlla.engine.preflight import check_schedule
+
+    cfg = TrainConfig(model="test_mlla", epochs=2, batch_size=8, warmup_steps=50)  # recipe EMA: 0.9996 at batch 4096
+    warnings = check_schedule(cfg, total_batch=8, steps_per_epoch=12, log=False)
+    assert len(warnings) == 2
+    assert "--warmup-steps 50 covers the whole run of 24 steps" in warnings[0] and "--warmup-steps 2" in warnings[0]
+    assert "averages over ~" in warnings[1] and "--model-ema-decay 0.583 --model-ema-decay-batch 0" in warnings[1]
+    fine = TrainConfig(model="test_mlla", epochs=30, batch_size=8, model_ema_decay=0.9, model_ema_decay_batch=0)
+    assert check_schedule(fine, total_batch=8, steps_per_epoch=12, log=False) == []

@@ -14,7 +14,7 @@ from typing import Any
 from ..data import IMG_EXTENSIONS, available_cores, default_workers
 from .config import TrainConfig
 
-__all__ = ["MIN_IMG_SIZE", "SettingsError", "check_output", "check_settings"]
+__all__ = ["MIN_IMG_SIZE", "SettingsError", "check_output", "check_schedule", "check_settings"]
 
 _logger = logging.getLogger(__name__)
 
@@ -162,6 +162,32 @@ def check_settings(
     if cfg.data_dir is not None and classifying:
         warnings += _check_image_folder(cfg)
     warnings += _ineffective(cfg, world_size)
+    if log:
+        for w in warnings:
+            _logger.warning(w)
+    return warnings
+
+
+def check_schedule(cfg: TrainConfig, total_batch: int, steps_per_epoch: int, *, log: bool = True) -> list[str]:
+    """Warnings, with the fix, about the schedule once the number of steps is known: warm-up
+    steps covering the run, an EMA that averages over far more steps than the run has."""
+    total = cfg.epochs * steps_per_epoch
+    warnings = []
+    if cfg.warmup_steps is not None and cfg.warmup_steps >= total:
+        warnings.append(
+            f"--warmup-steps {cfg.warmup_steps} covers the whole run of {total} steps: the learning rate never reaches "
+            f"its peak. Use --warmup-steps {max(total // 10, 1)} (a tenth of the run) or fewer"
+        )
+    if cfg.model_ema:
+        decay = cfg.ema_decay(total_batch)
+        horizon = 1 / max(1 - decay, 1e-12)  # steps the EMA averages over
+        if horizon > total:
+            suggested = 1 - 10 / max(total, 20)
+            warnings.append(
+                f"the EMA decay {decay:.6f} averages over ~{horizon:,.0f} steps but the run has {total}: the EMA weights "
+                f"stay close to the initial ones and its accuracy means nothing. For a short run use "
+                f"--model-ema-decay {suggested:.3f} --model-ema-decay-batch 0 (or --no-model-ema)"
+            )
     if log:
         for w in warnings:
             _logger.warning(w)

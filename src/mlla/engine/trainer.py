@@ -29,7 +29,7 @@ from .checkpointing import capture_rng, discard_failed_run, find_resume, prepare
 from .config import TrainConfig, save_yaml
 from .distributed import DistEnv, all_reduce_sum, convert_sync_batchnorm, destroy_distributed, init_distributed
 from .metrics import MetricsLog, plot_metrics
-from .preflight import check_settings
+from .preflight import check_schedule, check_settings
 from .schedule import build_scheduler
 from .task import Task, build_task
 
@@ -196,6 +196,7 @@ class Trainer:
         )
         self.steps_per_epoch = len(self.train_loader)
         self.scheduler, warmup = build_scheduler(self.optimizer, cfg, self.steps_per_epoch, warmup_lr, min_lr)
+        check_schedule(cfg, global_batch, self.steps_per_epoch, log=env.is_main and self.resume_from is None)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         _logger.info(
