@@ -165,8 +165,9 @@ class ImageFolderDataset(Dataset):
             return image, target, Skipped(failures[:1])
         last = failures[-1]
         raise RuntimeError(
-            f"{self.root}: {len(failures)} samples in a row from {self.samples[index][0]} failed, the last "
-            f"{last.path} ({last.kind}); check the dataset (corrupt copy, wrong folder?) and the transform"
+            f"{self.root}: {len(failures)} samples in a row from {self.samples[index][0]} failed (unreadable "
+            f"files or a failing transform), the last {last.path} ({last.kind}); check the dataset (corrupt copy, "
+            f"wrong folder?) and the transform"
         )
 
 
