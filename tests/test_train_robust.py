@@ -214,3 +214,24 @@ def test_schedule_warnings_once_the_steps_are_known():
     assert "averages over ~" in warnings[1] and "--model-ema-decay 0.583 --model-ema-decay-batch 0" in warnings[1]
     fine = TrainConfig(model="test_mlla", epochs=30, batch_size=8, model_ema_decay=0.9, model_ema_decay_batch=0)
     assert check_schedule(fine, total_batch=8, steps_per_epoch=12, log=False) == []
+
+
+@pytest.mark.slow  # torchrun with two gloo processes: ~20-40 s on 2 shared cores
+def test_failed_samples_are_summed_over_ddp_processes(tmp_path):
+    from mlla.engine import save_yaml
+
+    data = make_demo_dataset(tmp_path / "data", 8, 2, classes=DEMO_CLASSES[:4], progress=False)
+    broken = sorted((data / "train").rglob("*.png"))[::11]  # 3 of 32, wherever the sampler puts them
+    for p in broken:
+        p.write_bytes(b"\x89PNG cut short")
+    cfg = _config(data, tmp_path / "two", epochs=2, batch_size=4, max_failed_fraction=0.5)
+    save_yaml(cfg, tmp_path / "cfg.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mlla", "train", "--config", str(tmp_path / "cfg.yaml")]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _rows(tmp_path / "two")
+    assert [r["train_skipped"] for r in rows] == [3, 3]  # every broken file, once an epoch, over both processes
+    logged = [line for line in result.stderr.splitlines() if "skipping training sample" in line]
+    assert sorted({line.split()[5] for line in logged}) == sorted(map(str, broken))
+    assert len(logged) <= 2 * len(broken)  # at most once per file and process, not once per epoch
