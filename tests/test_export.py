@@ -77,3 +77,21 @@ def test_cli_exports_the_features_backbone_with_its_four_outputs(tmp_path, capsy
     assert [tuple(g.shape) for g in got] == [(2, c, 96 // s, 128 // s) for c, s in zip((16, 32, 64, 128), (4, 8, 16, 32))]
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=0)
+
+
+def test_cli_check_sizes_none_and_output_checked_before_export(traced, tmp_path, monkeypatch, capsys):
+    model, program = traced
+    monkeypatch.setattr(export_module, "export_program", lambda *a, **k: program)
+    out = tmp_path / "m.pt2"
+    rc = main(["export", "--model", "test_mlla", "--num-classes", "5", "--format", "torch-export", "--output", str(out),
+               "--example-size", "64", "--check-sizes", "none"])
+    captured = capsys.readouterr()
+    assert rc == 0 and out.is_file() and "match PyTorch" not in captured.out, captured.err
+
+    def no_export(*a, **k):
+        raise AssertionError("the output path must be refused before exporting")
+
+    monkeypatch.setattr(export_module, "export_program", no_export)
+    for bad, message in ((tmp_path, "is a folder"), (out / "sub.onnx", "is a file")):
+        rc = main(["export", "--model", "test_mlla", "--output", str(bad)])
+        assert rc == 2 and message in capsys.readouterr().err

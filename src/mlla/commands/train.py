@@ -80,7 +80,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--train-split")
     g.add_argument("--val-split")
     g.add_argument("--img-size", type=int)
-    g.add_argument("-j", "--workers", type=int, help="data loading processes per training process")
+    g.add_argument("-j", "--workers", type=_optional(int), help="data loading processes per training process "
+                   "(default: up to 4, no more than the cores)")
+    g.add_argument("--max-failed-fraction", type=float, help="stop when more than this fraction of an epoch's "
+                   "samples fail to load or transform (default 0.01; failed samples are skipped and logged)")
 
     g = p.add_argument_group("optimizer and schedule (learning rates at a total batch of --lr-base-size)")
     g.add_argument("--opt", help="timm optimizer name (adamw)")

@@ -19,7 +19,21 @@ from torch import nn
 
 from ..checkpoint import atomic_save, load_weights, read_checkpoint
 
-__all__ = ["capture_rng", "find_resume", "load_model_weights", "restore_rng", "save_checkpoint"]
+__all__ = [
+    "RUN_FILES",
+    "capture_rng",
+    "discard_failed_run",
+    "find_resume",
+    "load_model_weights",
+    "prepare_output",
+    "remove_stale_temp_files",
+    "restore_rng",
+    "save_checkpoint",
+]
+
+#: What a run writes in its folder besides checkpoints (removed again when a run fails before
+#: its first checkpoint).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "metrics.png")
 
 _logger = logging.getLogger(__name__)
 
@@ -51,6 +65,50 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     """Atomically write ``state`` (temp file, fsync, rename)."""
     return atomic_save(lambda tmp: torch.save(state, tmp), path)
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files :func:`~mlla.checkpoint.atomic_save` leaves in ``folder``
+    when its process is killed mid-write (never a complete file: the rename had not happened).
+    Returns what was removed."""
+    removed = []
+    if folder.is_dir():
+        for tmp in sorted(folder.glob(".*.tmp")):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    if removed:
+        _logger.info("removed %d unfinished temporary file(s) of an earlier, killed run: %s", len(removed),
+                     ", ".join(p.name for p in removed))
+    return removed
+
+
+def prepare_output(output: Path) -> bool:
+    """Make the run folder ``output`` (checked with :func:`~mlla.engine.preflight.check_output`
+    first) and clear an earlier killed run's temporary files. Returns True when it was created
+    now (see :func:`discard_failed_run`)."""
+    from .preflight import check_output
+
+    check_output(output)
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(output)
+    return created
+
+
+def discard_failed_run(output: Path) -> bool:
+    """After a run failed before its first checkpoint: delete what it wrote (:data:`RUN_FILES`,
+    temporary files) and ``output`` itself when that leaves it empty. Returns True if removed."""
+    if not output.is_dir() or (output / "last.pth").exists() or (output / "best.pth").exists():
+        return False
+    for name in RUN_FILES:
+        (output / name).unlink(missing_ok=True)
+    remove_stale_temp_files(output)
+    try:
+        output.rmdir()
+    except OSError:  # something else lives there (e.g. the generated demo data): keep it
+        return False
+    return True
 
 
 def find_resume(resume: str | None, output: Path) -> Path | None:
