@@ -52,7 +52,7 @@ def _relation(rng: random.Random, direction: str, s: float) -> tuple[_Box, _Box]
     """Boxes of (disc, square) with the disc ``direction`` of the square, centres >= s/2 apart
     along that axis and less far apart across it than along it."""
     while True:
-        r_disc, r_sq = rng.uniform(0.09, 0.14) * s, rng.uniform(0.08, 0.13) * s
+        r_disc, r_sq = rng.uniform(0.11, 0.15) * s, rng.uniform(0.10, 0.14) * s
         c_disc = [rng.uniform(r_disc, s - r_disc) for _ in range(2)]
         c_sq = [rng.uniform(r_sq, s - r_sq) for _ in range(2)]
         along, across = (0, 1) if direction in ("left", "right") else (1, 0)
@@ -81,7 +81,7 @@ def draw_study_image(class_name: str, rng: random.Random, size: int = 32) -> Ima
         boxes: list[_Box] = []
         fg = _colour(rng, bg)
         while len(boxes) < int(arg):
-            half = rng.uniform(0.05, 0.08) * s
+            half = rng.uniform(0.06, 0.075) * s
             cx, cy = rng.uniform(half, s - half), rng.uniform(half, s - half)
             box = (cx - half, cy - half, cx + half, cy + half)
             if not _overlaps(box, boxes, gap=0.06 * s):
@@ -108,7 +108,7 @@ def make_study_dataset(
                          f"{train_per_class}, {val_per_class}, {img_size}")
     settings = dict(
         train_per_class=train_per_class, val_per_class=val_per_class, img_size=img_size, seed=seed,
-        classes=list(STUDY_CLASSES), version=1,
+        classes=list(STUDY_CLASSES), version=2,
     )
     marker = root / "study_dataset.json"
     if marker.is_file() and json.loads(marker.read_text()) == settings:
