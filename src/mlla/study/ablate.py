@@ -232,6 +232,9 @@ def _run_parallel(spec: StudySpec, pending: list[TrainConfig], bar: Any) -> bool
     """Train ``pending`` variants ``spec.jobs`` at a time in child processes; True if all finished."""
     threads = spec.threads or max(1, (os.cpu_count() or 1) // spec.jobs)
     gpus = torch.cuda.device_count() if spec.device != "cpu" else 0
+    if not gpus and spec.jobs * threads > (os.cpu_count() or 1):
+        _logger.warning("%d jobs x %d threads on %d CPUs: the processes will slow each other down",
+                        spec.jobs, threads, os.cpu_count() or 1)
     queue = list(pending)
     running: dict[int, tuple[subprocess.Popen, TrainConfig, Any]] = {}
     ok = True
@@ -403,6 +406,7 @@ def _rows(spec: StudySpec, configs: Sequence[TrainConfig], results: dict[str, di
             paper_gmacs=paper.get("gmacs"),
             paper_top1=paper.get("top1"),
             paper_delta_top1=None if paper_base is None or "top1" not in paper else paper["top1"] - paper_base,
+            num_classes=num_classes,
             img_size=cfg.img_size,
             throughput_batch=spec.bench_batch,
             device=device,
@@ -413,8 +417,8 @@ def _rows(spec: StudySpec, configs: Sequence[TrainConfig], results: dict[str, di
 
 COLUMNS = [
     "variant", "design", "params_m", "gmacs", "img_per_s", "top1", "top5", "best_top1", "delta_top1", "wall_min",
-    "epochs", "paper_params_m", "paper_gmacs", "paper_top1", "paper_delta_top1", "img_size", "throughput_batch",
-    "device", "threads",
+    "epochs", "paper_params_m", "paper_gmacs", "paper_top1", "paper_delta_top1", "num_classes", "img_size",
+    "throughput_batch", "device", "threads",
 ]
 
 
@@ -451,6 +455,9 @@ def plot_study(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     ax1.barh(y, [r["top1"] or 0.0 for r in rows], color="C0")
     for i, r in enumerate(rows):
         ax1.text((r["top1"] or 0.0) + 0.5, i, _fmt(r["top1"], ".1f"), va="center", fontsize=8)
+    if rows and rows[0].get("num_classes"):
+        ax1.axvline(100 / rows[0]["num_classes"], color="k", ls="--", lw=0.8, label="chance")
+        ax1.legend(fontsize=8, loc="lower right")
     ax1.set_yticks(y, labels, fontsize=8)
     ax1.invert_yaxis()
     ax1.set_xlim(0, 105)
