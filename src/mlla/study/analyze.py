@@ -285,7 +285,7 @@ def _write_erf(result: dict[str, Any], out: Path) -> list[Path]:
     fig, axes = plt.subplots(1, len(maps), figsize=(3.4 * len(maps), 3.6), squeeze=False)
     for ax, (name, m) in zip(axes[0], maps.items()):
         t = torch.tensor(m)
-        ax.imshow(torch.log10(t / t.max().clamp_min(1e-30) + 1e-6), cmap="magma", vmin=-4, vmax=0)
+        ax.imshow(torch.log10(t / t.max().clamp_min(1e-30) + 1e-6).numpy(), cmap="magma", vmin=-4, vmax=0)
         ax.set_title(f"{name}\n99% of mass in {100 * result['area_ratio'][name]['0.99']:.1f}% of pixels", fontsize=7)
         ax.axis("off")
     fig.suptitle("effective receptive field, log10 |grad| (normalised)", fontsize=9)
