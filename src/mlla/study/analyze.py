@@ -15,6 +15,7 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -36,6 +37,8 @@ __all__ = [
     "token_norm_spread",
     "write_analysis",
 ]
+
+_logger = logging.getLogger(__name__)
 
 ANALYSES = ("forget-gate", "input-gate", "token-norms", "erf")
 
@@ -392,9 +395,7 @@ def analyze(
     Raises:
         AnalysisNotApplicable: an analysis asked for by name does not apply to the model.
     """
-    import logging
-
-    log = logging.getLogger(__name__)
+    log = _logger
     unknown = [a for a in analyses or () if a not in ANALYSES]
     if unknown:
         raise ValueError(f"unknown analysis {', '.join(unknown)}; choose from {', '.join(ANALYSES)}")
@@ -458,8 +459,10 @@ def _run_one(kind: str, net: nn.Module, info: dict[str, Any], label: str, batch:
             with attention_normalization(net, not on):
                 runs[f"same weights, normalisation {'off' if on else 'on'}"] = token_norm_spread(net, batch)
         for name, other in others:
-            with contextlib.suppress(AnalysisNotApplicable):
+            try:
                 runs[name] = token_norm_spread(other, batch)
+            except AnalysisNotApplicable as e:
+                _logger.info("token-norms: %s left out of the comparison: %s", name, e)
         return dict(base, runs=runs)
     if kind == "erf":
         maps, ratios = {}, {}
