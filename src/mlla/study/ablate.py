@@ -343,9 +343,10 @@ def _is_registered(name: str) -> bool:
 
 def measure_throughput(
     configs: Sequence[TrainConfig], num_classes: int, *, batch: int = 64, rounds: int = 5, device: str = "cpu",
-    progress: bool = True,
+    min_round_s: float = 0.5, progress: bool = True,
 ) -> dict[str, float]:
-    """Inference images/s of each variant, timed in interleaved rounds; the median per variant."""
+    """Inference images/s of each variant, timed in interleaved rounds (each of about
+    ``min_round_s`` per variant); the median per variant."""
     from tqdm import tqdm
 
     from ..benchmark import make_step
@@ -357,21 +358,23 @@ def measure_throughput(
         x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=dev)
         steps[cfg.model] = make_step(model, x, "fp32", "infer")
 
-    def timed(step: Any) -> float:
+    def timed(step: Any, calls: int = 1) -> float:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         start = time.perf_counter()
-        step()
+        for _ in range(calls):
+            step()
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        return time.perf_counter() - start
+        return (time.perf_counter() - start) / calls
 
-    for step in steps.values():
-        timed(step)  # warm-up
+    # Warm-up, then enough calls per round that a round lasts about min_round_s: short load
+    # spikes of a shared machine then average out within a round.
+    calls = {name: max(1, round(min_round_s / min(timed(step) for _ in range(2)))) for name, step in steps.items()}
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in tqdm(range(rounds), desc="throughput (interleaved)", disable=not progress, leave=False):
         for name, step in steps.items():
-            times[name].append(timed(step))
+            times[name].append(timed(step, calls[name]))
     return {name: batch / statistics.median(ts) for name, ts in times.items()}
 
 
