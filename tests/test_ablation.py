@@ -91,3 +91,99 @@ def test_bad_configuration_is_explained():
         mlla.create_model("ablation_baseline", embed_dim=16, num_heads=(3, 3, 3, 3))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         _small("ablation_baseline")(torch.randn(1, 64, 64, 3))
+
+
+# ---------------------------------------------------------------- each variant's switch, in substance
+
+def _phi(t: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.elu(t) + 1
+
+
+def _reference_attention(attn: GatedLinearAttention, x: torch.Tensor, *, input_gate: bool = False, shortcut: bool = False,
+                         normalize: bool = True, rope: bool = False, lepe: bool = False, forget_gate: bool = False) -> torch.Tensor:
+    """The paper's formulas written out token by token (float64), from the module's weights; a
+    switch the module does not have raises AttributeError."""
+    from mlla.ops.rope import apply_rope_2d, rope_2d_tables
+
+    B, H, W, C = x.shape
+    N, h, qk = H * W, attn.num_heads, attn.qk_dim
+    x = x.double()
+    qkv = torch.nn.functional.linear(x, attn.qkv.weight.double(), attn.qkv.bias.double())
+    q, k, v = _phi(qkv[..., :qk]), _phi(qkv[..., qk:2 * qk]), qkv[..., 2 * qk:]
+    q_rot, k_rot = q, k
+    if rope:  # numerator: rotated phi(q), phi(k); normaliser: un-rotated
+        cos, sin = rope_2d_tables(H, W, qk, repeats=2)
+        q_rot, k_rot = apply_rope_2d(torch.cat([q, k], -1), cos.double(), sin.double()).double().chunk(2, -1)
+    v_in = v
+    if input_gate:  # v_j -> Delta_j v_j, Delta = softplus(x W1 W2 + b)
+        g = attn.input_gate
+        delta = torch.nn.functional.softplus(x @ g.down.weight.double().T @ g.up.weight.double().T + g.bias.double())
+        v_in = delta * v
+    split = lambda t: t.reshape(B, N, h, -1)  # noqa: E731
+    q, k, q_rot, k_rot, v_in = map(split, (q, k, q_rot, k_rot, v_in))
+    if forget_gate:  # S_i = exp(Delta_i A) S_{i-1} + k_i v_i^T, causal, the normaliser decayed alike
+        f = attn.forget_delta
+        log_f = torch.nn.functional.softplus(x @ f.down.weight.double().T @ f.up.weight.double().T + f.bias.double())
+        log_f = split(log_f * -attn.A_log.double().exp())
+        state = torch.zeros(B, h, k.shape[-1], v_in.shape[-1], dtype=torch.float64)
+        z = torch.zeros(B, h, k.shape[-1], dtype=torch.float64)
+        y = []
+        for i in range(N):
+            decay = log_f[:, i].exp()
+            state = decay[..., None] * state + k_rot[:, i, :, :, None] * v_in[:, i, :, None, :]
+            z = decay * z + k[:, i]
+            num = torch.einsum("bhk,bhkv->bhv", q_rot[:, i], state)
+            y.append(num / (torch.einsum("bhk,bhk->bh", q[:, i], z)[..., None] + 1e-6) if normalize else num / N)
+        y = torch.stack(y, 1)
+    else:
+        num = torch.einsum("bnhk,bmhk,bmhv->bnhv", q_rot, k_rot, v_in)
+        den = torch.einsum("bnhk,bmhk->bnh", q, k)[..., None]
+        y = num / den if normalize else num / N
+    y = y.reshape(B, H, W, C)
+    if shortcut:
+        y = y + attn.D.double() * v
+    if lepe:
+        y = y + attn.lepe.double()(v.reshape(B, H, W, C)).double()
+    return torch.nn.functional.linear(y, attn.proj.weight.double(), attn.proj.bias.double())
+
+
+# What each variant's attention computes, by the paper (Tables 1-2); everything else as the baseline.
+ATTENTION_SWITCHES = {
+    "ablation_baseline": {},
+    "ablation_input_gate": dict(input_gate=True),
+    "ablation_shortcut": dict(shortcut=True),
+    "ablation_no_norm": dict(normalize=False),
+    "ablation_rope": dict(rope=True),
+    "ablation_lepe": dict(lepe=True),
+    "ablation_forget_gate": dict(forget_gate=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTION_SWITCHES))
+def test_variant_attention_computes_its_formula(name):
+    model = _small(name).eval()
+    attn = model.stages[1][-1].attn  # after the stage's downsampling: 2 heads
+    if attn.D is not None:
+        torch.nn.init.normal_(attn.D)  # D starts at 1: make the shortcut's weight matter
+    x = torch.randn(2, 3, 5, attn.qkv.in_features)
+    with torch.no_grad():
+        y = attn(x)
+        reference = _reference_attention(attn, x, **ATTENTION_SWITCHES[name])
+        baseline = _reference_attention(attn, x, **{k: v for k, v in ATTENTION_SWITCHES[name].items() if k in ("lepe",)})
+    torch.testing.assert_close(y.double(), reference, rtol=1e-4, atol=1e-5)
+    if name not in ("ablation_baseline", "ablation_lepe"):  # the switch changes the result
+        assert (reference - baseline).abs().max() > 1e-3
+
+
+def test_position_encoding_and_head_variants_have_their_parts():
+    cpe, ape = _small("ablation_cpe").stages[0][0], _small("ablation_ape").stages[0][0]
+    assert cpe.cpe is not None and cpe.ape is None and ape.ape is not None and ape.cpe is None
+    baseline = _small("ablation_baseline").stages[0][0]
+    assert baseline.cpe is None and baseline.ape is None and baseline.attn.lepe is None and baseline.attn.pos_embed is None
+    single = mlla.create_model("ablation_single_head", **SMALL).stages[2][-1].attn
+    assert single.num_heads == 1 and single.qk_dim == 16  # Mamba's layout: one head, Q/K size = state size 16
+    x = torch.randn(1, 4, 4, 16)
+    with torch.no_grad():
+        with_cpe = cpe(x)
+        cpe.cpe = None
+        assert (with_cpe - cpe(x)).abs().max() > 1e-3  # the CPE is applied

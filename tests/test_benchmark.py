@@ -86,8 +86,9 @@ def test_cli_bad_model_is_a_clean_error(tmp_path, capsys):
     assert "unknown model" in capsys.readouterr().err
 
 
-def test_profile_breakdown_accounts_for_the_forward():
-    """benchmarks/profile_breakdown.py: the kinds of op add up to the profiled total, matmuls included."""
+def test_profile_breakdown_accounts_for_the_forward(monkeypatch):
+    """benchmarks/profile_breakdown.py: every profiled op lands in exactly one kind (the kinds add
+    up to the profiler's own total), and convolutions are told apart by their weight's shape."""
     import importlib.util
     from pathlib import Path
 
@@ -95,8 +96,63 @@ def test_profile_breakdown_accounts_for_the_forward():
     spec = importlib.util.spec_from_file_location("profile_breakdown", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    profilers, real_profile = [], module.profile
+
+    def recording_profile(*args, **kwargs):
+        profilers.append(real_profile(*args, **kwargs))
+        return profilers[-1]
+
+    monkeypatch.setattr(module, "profile", recording_profile)
     model = bench.build_model("test_mlla", (64, 64)).eval()
     kinds = module.breakdown(model, torch.randn(2, 3, 64, 64), warmup=1)
     assert kinds["linear matmuls"] > 0 and kinds["depthwise convolutions"] > 0 and kinds["dense convolutions"] > 0
     assert "inductor kernels" not in kinds  # eager
-    assert sum(v for k, v in kinds.items() if k != "total") == pytest.approx(kinds["total"])
+    profiler_total = sum(e.self_cpu_time_total for e in profilers[-1].key_averages()) / 1e3  # no grouping by shape
+    assert kinds["total"] == pytest.approx(profiler_total, rel=1e-6)
+    depthwise = module.breakdown(torch.nn.Conv2d(8, 8, 3, groups=8), torch.randn(1, 8, 16, 16), warmup=1)
+    dense = module.breakdown(torch.nn.Conv2d(16, 32, 3, padding=1), torch.randn(2, 16, 32, 32), warmup=1)  # mkldnn, as in the model
+    assert "depthwise convolutions" in depthwise and "dense convolutions" not in depthwise
+    assert "dense convolutions" in dense and "depthwise convolutions" not in dense
+
+
+def _readme_table_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "readme_table.py"
+    spec = importlib.util.spec_from_file_location("readme_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_speed_table_is_the_result_files_row_for_row():
+    """README.md's speed table holds every row of both result files (both allocators, eager and
+    compiled), with the files' numbers, and nothing else."""
+    table = _readme_table_module()
+    rows = table.read_rows()
+    assert {r["allocator"] for r in rows} == {"default", "retain"} and {r["backend"] for r in rows} == {"eager", "compile"}
+    readme = table.README.read_text()
+    block = readme.split(table.BEGIN)[1].split(table.END)[0]
+    lines = [line for line in block.splitlines() if line.startswith("| ") and not line.startswith("| allocator")]
+    assert len(lines) == len(rows)
+    for line, row in zip(lines, rows):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == row["allocator"] and cells[2] == f"{row['height']}x{row['width']}" and cells[4] == row["backend"]
+        assert cells[5] == table.NAMES[row["model"]]
+        assert float(cells[6]) == pytest.approx(float(row["img_per_s"]), abs=0.005)
+        assert float(cells[7]) == pytest.approx(float(row["ms_per_batch"]), abs=0.5)
+    assert table.replace_block(readme, table.render(rows)) == readme  # `python benchmarks/readme_table.py` is a no-op
+
+
+def test_readme_table_names_every_group_where_mlla_is_not_the_fastest():
+    table = _readme_table_module()
+    row = dict(allocator="default", task="cls", height="224", width="224", batch="32", backend="eager", dtype="fp32",
+               peak_mem_mib="")
+    rows = [dict(row, model="mlla_tiny", img_per_s="9.0", ms_per_batch="1"), dict(row, model="convnext_tiny", img_per_s="10.0", ms_per_batch="1"),
+            dict(row, backend="compile", model="mlla_tiny", img_per_s="12.0", ms_per_batch="1"),
+            dict(row, backend="compile", model="convnext_tiny", img_per_s="11.0", ms_per_batch="1")]
+    text = table.render(rows)
+    assert "eager: MLLA-T is 2 of 2, at 0.90x the speed of ConvNeXt-T." in text
+    assert "compile: MLLA-T" not in text
+    assert "| default | classification | 224x224 | 32 | compile | MLLA-T | 12.00 | 1 | - | 1 of 2 |" in text

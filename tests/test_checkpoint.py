@@ -123,3 +123,165 @@ def test_convert_names_the_registered_size_of_a_state_dict(name):
     assert info["model"] == name and info["layout"] == "classification" and info["num_classes"] == 1000
     with torch.device("meta"):
         assert describe_mlla_state_dict(timm.create_model("test_mlla").state_dict())["model"] == "custom"
+
+
+# ------------------------------------------------------------------ one rule on every route
+
+class _Touch:
+    """A pickled object whose unpickling would create ``path``: code from the file running."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mknod, (str(self.path),)
+
+
+def _yacs_config_class(monkeypatch):
+    """A class pickled as ``yacs.config.CfgNode``, like the authors' config (yacs is not installed)."""
+    import sys
+    import types
+
+    class CfgNode(dict):
+        def __init__(self, values=None):
+            super().__init__(values or {})
+            self.__dict__["__immutable__"] = True  # yacs keeps its flags in the instance dict
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    module = types.ModuleType("yacs.config")
+    module.CfgNode = CfgNode
+    monkeypatch.setitem(sys.modules, "yacs", types.ModuleType("yacs"))
+    monkeypatch.setitem(sys.modules, "yacs.config", module)
+    return CfgNode
+
+
+@pytest.fixture
+def training_checkpoint(tmp_path, monkeypatch):
+    """An authors' training checkpoint (their layout, ``model`` + ``state_dict_ema``, optimizer
+    state and their yacs config object) and the two models its weights come from."""
+    raw, ema = (timm.create_model("test_mlla", num_classes=4).eval() for _ in range(2))
+    CfgNode = _yacs_config_class(monkeypatch)
+    config = CfgNode({"MODEL": CfgNode({"TYPE": "mlla", "NUM_CLASSES": 4}), "TRAIN": CfgNode({"EPOCHS": 300})})
+    path = tmp_path / "ckpt_epoch_299.pth"
+    torch.save({"model": _authors_layout(raw), "state_dict_ema": _authors_layout(ema),
+                "optimizer": {"state": {}, "param_groups": [{"lr": 5e-6}]}, "lr_scheduler": {"t_initial": 300},
+                "max_accuracy": 83.5, "epoch": 299, "config": config}, path)
+    for module in ("yacs", "yacs.config"):  # reading must not need the authors' classes
+        monkeypatch.delitem(__import__("sys").modules, module)
+    return path, raw, ema
+
+
+def _same_weights(model, reference) -> bool:
+    own = mlla.checkpoint.unwrap_features_only(model).state_dict()
+    return all(torch.equal(own[k], v) for k, v in reference.state_dict().items())
+
+
+def _train_config(tmp_path, checkpoint, **kw):
+    from mlla.data import DEMO_CLASSES, make_demo_dataset
+    from mlla.engine import TrainConfig
+
+    data = make_demo_dataset(tmp_path / "data", 1, 1, classes=DEMO_CLASSES[:4], progress=False)
+    return TrainConfig(model="test_mlla", data_dir=str(data), output=str(tmp_path / "run"), batch_size=1, img_size=32,
+                       workers=0, progress=False, model_ema=False, mixup=0.0, cutmix=0.0,
+                       initial_checkpoint=str(checkpoint), **kw)
+
+
+def test_every_route_loads_the_raw_weights_of_a_training_checkpoint_and_ema_on_request(training_checkpoint, tmp_path):
+    from mlla.engine.checkpointing import load_model_weights
+    from mlla.engine.trainer import Trainer
+
+    path, raw, ema = training_checkpoint
+    new = lambda: timm.create_model("test_mlla", num_classes=4)  # noqa: E731
+    assert _same_weights(mlla.load_checkpoint(new(), path), raw)
+    assert _same_weights(mlla.load_checkpoint(new(), path, use_ema=True), ema)
+    model = new()
+    assert load_model_weights(model, path)["epoch"] == 299 and _same_weights(model, raw)
+    model = new()
+    load_model_weights(model, path, use_ema=True)
+    assert _same_weights(model, ema)
+    for flags, reference in (([], raw), (["--use-ema"], ema)):
+        out = tmp_path / f"converted{len(flags)}.safetensors"
+        assert mlla.cli.main(["convert", str(path), str(out), *flags]) == 0
+        assert _same_weights(mlla.load_checkpoint(new(), out), reference)
+    timm_file = timm.create_model("test_mlla", num_classes=4, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert _same_weights(timm_file, raw)
+    timm_url = timm.create_model("test_mlla", num_classes=4, pretrained=True, cache_dir=tmp_path / "cache",
+                                 pretrained_cfg_overlay=dict(url=path.as_uri()))
+    assert _same_weights(timm_url, raw)
+    assert _same_weights(Trainer(_train_config(tmp_path / "a", path)).model, raw)
+    assert _same_weights(Trainer(_train_config(tmp_path / "b", path, initial_checkpoint_ema=True)).model, ema)
+
+
+def test_ema_requested_from_a_file_without_ema_is_a_clear_error(tmp_path):
+    path = save_state_dict(timm.create_model("test_mlla").state_dict(), tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError, match="holds no EMA weights"):
+        mlla.load_checkpoint(timm.create_model("test_mlla"), path, use_ema=True)
+
+
+def test_other_pickled_objects_are_refused_on_every_route_and_never_run(tmp_path, capsys):
+    from mlla.engine.checkpointing import load_model_weights
+    from mlla.engine.trainer import Trainer
+
+    marker = tmp_path / "code_ran"
+    path = tmp_path / "unsafe.pth"
+    torch.save({"model": timm.create_model("test_mlla", num_classes=4).state_dict(), "config": _Touch(marker),
+                "args": argparse.Namespace(lr=1.0)}, path)
+    convert = "--trust-pickle"
+    routes = {
+        "load_checkpoint": lambda: mlla.load_checkpoint(timm.create_model("test_mlla", num_classes=4), path),
+        "load_model_weights": lambda: load_model_weights(timm.create_model("test_mlla", num_classes=4), path),
+        "timm file": lambda: timm.create_model("test_mlla", num_classes=4, pretrained=True,
+                                               pretrained_cfg_overlay=dict(file=str(path))),
+        "timm url": lambda: timm.create_model("test_mlla", num_classes=4, pretrained=True, cache_dir=tmp_path / "cache",
+                                              pretrained_cfg_overlay=dict(url=path.as_uri())),
+        "train --initial-checkpoint": lambda: Trainer(_train_config(tmp_path, path)),
+    }
+    for name, route in routes.items():
+        with pytest.raises(CheckpointError, match=rf"(?s)Namespace.*mlla convert .*unsafe\.pth OUT\.safetensors {convert}"):
+            route()
+        assert not marker.exists(), name
+    assert mlla.cli.main(["convert", str(path), str(tmp_path / "o.safetensors")]) == 2
+    assert convert in capsys.readouterr().err and not marker.exists()
+
+
+def test_pretrained_url_is_downloaded_once_into_timms_cache(training_checkpoint, tmp_path):
+    path, raw, _ = training_checkpoint
+    cache = tmp_path / "cache"
+    url = (path.as_uri(), "mlla_test_authors.pth")  # the form of the registered cfgs: (url, cache file name)
+    first = timm.create_model("test_mlla", num_classes=4, pretrained=True, cache_dir=cache, pretrained_cfg_overlay=dict(url=url))
+    assert (cache / "mlla_test_authors.pth").is_file()
+    path.unlink()  # the second call reads the cached copy
+    second = timm.create_model("test_mlla", num_classes=4, pretrained=True, cache_dir=cache, pretrained_cfg_overlay=dict(url=url))
+    assert _same_weights(first, raw) and _same_weights(second, raw)
+    # another class count keeps the new classifier (fine-tuning), as timm does
+    other = timm.create_model("test_mlla", num_classes=3, pretrained=True, cache_dir=cache, pretrained_cfg_overlay=dict(url=url))
+    assert other.head.fc.out_features == 3 and torch.equal(other.stem.proj.conv.weight, raw.stem.proj.conv.weight)
+
+
+def test_registered_sizes_point_at_the_authors_published_weights():
+    assert timm.list_pretrained("mlla_*") == ["mlla_base.in1k", "mlla_small.in1k", "mlla_tiny.in1k"]
+    for name in ("mlla_tiny", "mlla_small", "mlla_base"):
+        cfg = timm.models.get_pretrained_cfg(f"{name}.in1k").to_dict()
+        url, filename = cfg["url"]
+        assert url.startswith("https://cloud.tsinghua.edu.cn/f/") and filename == f"{name}_in1k_authors.pth"
+        assert cfg["custom_load"]  # read by MLLA.load_pretrained, the safe reader
+
+
+def test_classification_checkpoint_initialises_a_features_only_backbone_strictly(tmp_path, caplog):
+    classifier = timm.create_model("test_mlla").eval()
+    path = save_state_dict(classifier.state_dict(), tmp_path / "cls.safetensors")
+    for route in ("load_checkpoint", "timm"):
+        with caplog.at_level("INFO"):
+            if route == "timm":
+                backbone = timm.create_model("test_mlla", features_only=True, pretrained=True,
+                                             pretrained_cfg_overlay=dict(file=str(path)))
+            else:
+                backbone = mlla.load_checkpoint(timm.create_model("test_mlla", features_only=True), path)
+        inner = backbone.model
+        assert torch.equal(inner.stages[3].blocks[0].mlp.fc2.weight, classifier.stages[3].blocks[0].mlp.fc2.weight)
+        assert all(torch.equal(n.weight, torch.ones_like(n.weight)) for n in inner.stage_norms)  # kept at init
+        text = caplog.text
+        assert "stage_norms" in text and "kept the model's initial values" in text
+        if route == "load_checkpoint":  # timm loads before it prunes the final norm and classifier
+            assert "the model has no ['head.fc', 'norm']: dropped from the checkpoint" in text
+        caplog.clear()

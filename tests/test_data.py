@@ -61,12 +61,17 @@ def test_corrupt_images_are_replaced_in_training_and_dropped_in_evaluation(tmp_p
     good = bad[1].read_bytes()
     bad[1].write_bytes(good[: len(good) // 2])  # truncated PNG
     tf = build_transform(model, is_training=False, img_size=32, crop_pct=1.0)
-    with caplog.at_level(logging.WARNING):
-        train = ImageFolderDataset(root / "train", tf, replace_bad=True)
-        batch = collate_skipping([train[i] for i in range(len(train))])
-    images, targets, skipped = batch
+    train = ImageFolderDataset(root / "train", tf, replace_bad=True)
+    images, targets, skipped = collate_skipping([train[i] for i in range(len(train))])
     assert images.shape == (6, 3, 32, 32) and skipped == 2  # both replaced, both counted
-    assert sum("skipping unreadable image" in r.message for r in caplog.records) == 2
+    assert sorted(f.path for f in skipped.failures) == sorted(map(str, bad))
+    assert all(f.stage == "load" for f in skipped.failures)
+    loader = build_loader(train, 6, is_training=False, workers=0, seed=0, max_failed_fraction=None)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):  # two passes: each file is logged once
+            assert sum(int(b[2]) for b in loader) == 2
+    logged = [r.message for r in caplog.records if "skipping training sample" in r.message or "skipping validation" in r.message]
+    assert len(logged) == 2 and all(any(str(p) in m for p in bad) for m in logged)
     evaluation = ImageFolderDataset(root / "train", tf)
     images, targets, skipped = collate_skipping([evaluation[i] for i in range(len(evaluation))])
     assert images.shape[0] == 4 and skipped == 2
@@ -77,7 +82,7 @@ def test_all_images_unreadable_is_an_error_not_a_hang(tmp_path):
         (tmp_path / "a").mkdir(exist_ok=True)
         (tmp_path / "a" / f"{i}.jpg").write_bytes(b"garbage")
     ds = ImageFolderDataset(tmp_path, replace_bad=True)
-    with pytest.raises(RuntimeError, match="unreadable"):
+    with pytest.raises(RuntimeError, match=r"3 samples in a row .* failed \(unreadable files.*load: UnidentifiedImageError"):
         ds[0]
 
 

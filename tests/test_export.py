@@ -58,3 +58,40 @@ def test_cli_exports_checkpoint_and_checks(traced, tmp_path, monkeypatch, capsys
     rc = main(["export", "--model", "test_mlla", "--num-classes", "5", "--output", str(tmp_path / "n.pt2"), "--format", "torch-export",
                "--example-size", "64", "--check-sizes", "64"])
     assert rc == 2 and "differ from PyTorch" in capsys.readouterr().err
+
+
+def test_cli_exports_the_features_backbone_with_its_four_outputs(tmp_path, capsys):
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_mlla", features_only=True).eval()
+    ckpt = mlla.save_state_dict(mlla.checkpoint.unwrap_features_only(backbone).state_dict(), tmp_path / "b.safetensors")
+    out = tmp_path / "backbone.pt2"
+    rc = main(["export", "--model", "test_mlla", "--features", "--checkpoint", str(ckpt), "--format", "torch-export",
+               "--output", str(out), "--example-size", "64", "--check-sizes", "64"])
+    assert rc == 0 and "outputs match PyTorch" in capsys.readouterr().out
+    run = export_module.load_exported(out)
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        expected = backbone(x)
+    got = run(x)
+    assert len(got) == len(expected) == 4
+    assert [tuple(g.shape) for g in got] == [(2, c, 96 // s, 128 // s) for c, s in zip((16, 32, 64, 128), (4, 8, 16, 32))]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=0)
+
+
+def test_cli_check_sizes_none_and_output_checked_before_export(traced, tmp_path, monkeypatch, capsys):
+    model, program = traced
+    monkeypatch.setattr(export_module, "export_program", lambda *a, **k: program)
+    out = tmp_path / "m.pt2"
+    rc = main(["export", "--model", "test_mlla", "--num-classes", "5", "--format", "torch-export", "--output", str(out),
+               "--example-size", "64", "--check-sizes", "none"])
+    captured = capsys.readouterr()
+    assert rc == 0 and out.is_file() and "match PyTorch" not in captured.out, captured.err
+
+    def no_export(*a, **k):
+        raise AssertionError("the output path must be refused before exporting")
+
+    monkeypatch.setattr(export_module, "export_program", no_export)
+    for bad, message in ((tmp_path, "is a folder"), (out / "sub.onnx", "is a file")):
+        rc = main(["export", "--model", "test_mlla", "--output", str(bad)])
+        assert rc == 2 and message in capsys.readouterr().err

@@ -15,7 +15,7 @@ from mlla.cli import main
 from mlla.data import DEMO_CLASSES, make_demo_dataset
 from mlla.engine import TrainConfig, fit
 
-REFERENCE = Path(__file__).parents[1] / ".." / "shared" / "reference"
+from conftest import REFERENCE_DIR as REFERENCE
 SMALL = dict(embed_dim=32, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8))  # manifest.json, cls_small_96
 SMALL_ARGS = ["--model-kwargs", "embed_dim=32", "depths=1,2,2,1", "num_heads=1,2,4,8"]
 
@@ -24,7 +24,7 @@ SMALL_ARGS = ["--model-kwargs", "embed_dim=32", "depths=1,2,2,1", "num_heads=1,2
 def authors_checkpoint(tmp_path_factory) -> Path:
     """The reference weights in the authors' training-checkpoint layout: a ``.pth`` with ``model``."""
     if not (REFERENCE / "cls_small_96.safetensors").is_file():
-        pytest.skip("reference fixtures (../shared/reference) not present")
+        pytest.skip(f"reference fixtures not found in {REFERENCE}")
     from safetensors.torch import load_file
 
     tensors = load_file(str(REFERENCE / "cls_small_96.safetensors"))
@@ -103,4 +103,5 @@ def test_validate_our_checkpoint_matches_the_training_run_raw_and_ema(tmp_path, 
     ema = _validate(capsys, *args, "--use-ema")
     assert raw["model"] == "test_mlla" and raw["images"] == 9
     assert raw["top1"] == pytest.approx(row["val_top1"]) and raw["loss"] == pytest.approx(row["val_loss"], rel=1e-5)
-    assert ema["top1"] == pytest.approx(row["ema_top1"])
+    assert ema["top1"] == pytest.approx(row["ema_top1"]) and ema["top5"] == pytest.approx(row["ema_top5"])
+    assert ema["ema"] and abs(ema["loss"] - raw["loss"]) > 1e-6  # other weights: the EMA ones, not the raw ones

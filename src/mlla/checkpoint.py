@@ -6,7 +6,7 @@ import os
 import pickle
 import sys
 import tempfile
-import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -17,8 +17,10 @@ __all__ = [
     "CheckpointError",
     "atomic_save",
     "load_checkpoint",
+    "load_weights",
     "read_checkpoint",
     "save_state_dict",
+    "select_weights",
     "unwrap_features_only",
     "unwrap_state_dict",
 ]
@@ -30,16 +32,34 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read or does not fit the model."""
 
 
+# The authors' training checkpoints pickle their configuration as a ``yacs.config.CfgNode`` (a
+# dict subclass). While reading, that one name is bound to a stand-in that builds a plain
+# OrderedDict of the values, so the file's own classes never run and yacs need not be installed.
+_AUTHORS_CONFIG_CLASS = "yacs.config.CfgNode"
+# Where a checkpoint keeps its weights: the raw (trained) weights, and their moving average.
+_RAW_KEYS = ("model", "state_dict")
+_EMA_KEYS = ("model_ema", "state_dict_ema")
+
+
+class _InertConfig:
+    """Stand-in for the authors' config class while unpickling: an OrderedDict of its values."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> OrderedDict:
+        return OrderedDict()
+
+
 def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> dict[str, Any]:
     """Read a ``.safetensors`` or ``.pth``/``.pt`` file into a dict on the CPU.
 
-    ``.pth`` files are read with ``torch.load(weights_only=True)``: no code from the file runs.
-    Set ``trust_pickle=True`` only for files from a source you trust that also hold other
-    Python objects (for example the authors' training checkpoints with their config object).
+    ``.pth`` files are read with ``torch.load(weights_only=True)``: tensors and plain Python
+    values only, no code from the file runs. The authors' config object (``yacs.config.CfgNode``)
+    is read as a plain ``OrderedDict`` of its values. Any other pickled object is refused; set
+    ``trust_pickle=True`` only for a file from a source you trust (or convert it once with
+    ``mlla convert IN OUT.safetensors --trust-pickle``).
 
     Raises:
         FileNotFoundError: no such file.
-        CheckpointError: the file is corrupt, truncated, or holds non-tensor objects.
+        CheckpointError: the file is corrupt, truncated, or holds other Python objects.
     """
     path = Path(path)
     if not path.is_file():
@@ -49,15 +69,52 @@ def read_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False) -> d
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        if trust_pickle:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals([(_InertConfig, _AUTHORS_CONFIG_CLASS)]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path} holds Python objects besides tensors, which are not loaded by default for safety "
-            f"({str(e).splitlines()[0]}). If you trust its source, convert it once with "
-            f"`mlla convert {path} OUT.safetensors --trust-pickle`."
+            f"{path} holds Python objects besides tensors ({_unsafe_globals(path) or str(e).splitlines()[0]}), "
+            f"which are not loaded because unpickling them could run code from the file. If you trust its "
+            f"source, convert it once with `mlla convert {path} OUT.safetensors --trust-pickle` and load OUT."
         ) from e
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile, Exception) as e:
+    except Exception as e:  # torch.load and safetensors raise many types for a damaged file
         raise CheckpointError(f"could not read checkpoint {path}: it is corrupt or truncated ({type(e).__name__}: {e})") from e
+
+
+def _unsafe_globals(path: Path) -> str:
+    try:
+        with torch.serialization.safe_globals([(_InertConfig, _AUTHORS_CONFIG_CLASS)]):
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # the message then falls back to torch's own
+        return ""
+    return ", ".join(names)
+
+
+def select_weights(checkpoint: dict[str, Any], *, use_ema: bool = False, source: str = "checkpoint") -> dict[str, Any]:
+    """The weights every loader takes from a checkpoint (one rule for all routes).
+
+    A bare state dict is its own weights. A training checkpoint (ours, the authors', timm's,
+    mmdet's) gives its raw weights, ``model`` or ``state_dict``, the weights its own evaluation
+    uses; with ``use_ema`` its EMA weights, ``model_ema`` or ``state_dict_ema``. A checkpoint that
+    holds only EMA weights gives those (logged).
+
+    Raises:
+        CheckpointError: ``use_ema`` and the checkpoint has no EMA weights.
+    """
+    raw = next((checkpoint[k] for k in _RAW_KEYS if isinstance(checkpoint.get(k), dict)), None)
+    ema = next((checkpoint[k] for k in _EMA_KEYS if isinstance(checkpoint.get(k), dict)), None)
+    if use_ema:
+        if ema is None:
+            raise CheckpointError(
+                f"{source} holds no EMA weights (none of {list(_EMA_KEYS)}); load its raw weights (drop use_ema / --use-ema)"
+            )
+        return ema
+    if raw is None and ema is not None:
+        _logger.info("%s holds only EMA weights: loading those", source)
+        return ema
+    return checkpoint if raw is None else raw
 
 
 def _filter_fn_for(model: nn.Module) -> Callable[..., dict[str, torch.Tensor]] | None:
@@ -80,6 +137,7 @@ def load_checkpoint(
     strict: bool = True,
     allow_head_mismatch: bool = False,
     trust_pickle: bool = False,
+    use_ema: bool = False,
 ) -> nn.Module:
     """Load weights from ``path`` into ``model`` (ours or the authors' layout, any container).
 
@@ -90,22 +148,38 @@ def load_checkpoint(
         allow_head_mismatch: keep the model's classifier when the checkpoint's has another
             number of classes (fine-tuning) instead of failing.
         trust_pickle: see :func:`read_checkpoint`.
+        use_ema: take a training checkpoint's EMA weights (see :func:`select_weights`).
 
     Raises:
         CheckpointError: unreadable file, other model size, other class count, missing keys.
     """
+    checkpoint = read_checkpoint(path, trust_pickle=trust_pickle)
+    return load_weights(model, checkpoint, source=str(path), strict=strict,
+                        allow_head_mismatch=allow_head_mismatch, use_ema=use_ema)
+
+
+def load_weights(
+    model: nn.Module,
+    checkpoint: dict[str, Any],
+    *,
+    source: str = "checkpoint",
+    strict: bool = True,
+    allow_head_mismatch: bool = False,
+    use_ema: bool = False,
+) -> nn.Module:
+    """:func:`load_checkpoint` for a checkpoint already read (``source`` names it in errors)."""
     target = unwrap_features_only(model)
-    state_dict = read_checkpoint(path, trust_pickle=trust_pickle)
+    state_dict = select_weights(checkpoint, use_ema=use_ema, source=source)
     filter_fn = _filter_fn_for(target)
     try:
         state_dict = filter_fn(state_dict, target) if filter_fn else unwrap_state_dict(state_dict)
     except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from e
+        raise CheckpointError(f"{source}: {e}") from e
     own = target.state_dict()
     head = [k for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
     if head:
         message = (
-            f"{path}: classifier has shape {tuple(state_dict[head[0]].shape)} but the model's is "
+            f"{source}: classifier has shape {tuple(state_dict[head[0]].shape)} but the model's is "
             f"{tuple(own[head[0]].shape)} (different number of classes)"
         )
         if not allow_head_mismatch:
@@ -116,20 +190,17 @@ def load_checkpoint(
     missing, unexpected = target.load_state_dict(state_dict, strict=False)
     if strict and (missing or unexpected):
         raise CheckpointError(
-            f"{path} does not match the model: {len(missing)} missing keys {missing[:8]}, "
+            f"{source} does not match the model: {len(missing)} missing keys {missing[:8]}, "
             f"{len(unexpected)} unexpected keys {unexpected[:8]}"
         )
     return model
 
 
-def unwrap_state_dict(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint: under its ``model``/``state_dict``/EMA key if it has one, with
+def unwrap_state_dict(state_dict: dict[str, Any], *, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint, chosen by :func:`select_weights`, with
     ``module.``/``model.``/``_orig_mod.``/``backbone.`` prefixes stripped and, in an mmdet/mmseg
     checkpoint, everything outside ``backbone.`` dropped (counted and logged)."""
-    for key in ("model", "state_dict", "model_ema", "state_dict_ema"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
+    state_dict = select_weights(state_dict, use_ema=use_ema)
     prefixes = ("module.", "model.", "_orig_mod.", "backbone.")
     out = {}
     dropped = 0

@@ -6,7 +6,7 @@ import json
 import logging
 import re
 
-from ..checkpoint import read_checkpoint, save_state_dict
+from ..checkpoint import read_checkpoint, save_state_dict, select_weights
 from ..models.mlla import checkpoint_filter_fn
 
 _logger = logging.getLogger(__name__)
@@ -35,8 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--trust-pickle",
         action="store_true",
-        help="allow Python objects in a .pth (the authors' files carry their config object); only for trusted files",
+        help="allow any Python object in a .pth (runs code from the file); only for files from a source you trust",
     )
+    p.add_argument("--use-ema", action="store_true", help="convert a training checkpoint's EMA weights instead of its raw ones")
     p.set_defaults(func=run)
 
 
@@ -65,7 +66,8 @@ def describe_mlla_state_dict(state_dict: dict) -> dict:
 def run(args: argparse.Namespace) -> int:
     if not args.output.endswith(".safetensors"):
         raise ValueError(f"output must end in .safetensors, got {args.output!r}")
-    state_dict = checkpoint_filter_fn(read_checkpoint(args.input, trust_pickle=args.trust_pickle))
+    checkpoint = read_checkpoint(args.input, trust_pickle=args.trust_pickle)
+    state_dict = checkpoint_filter_fn(select_weights(checkpoint, use_ema=args.use_ema, source=args.input))
     info = describe_mlla_state_dict(state_dict)
     save_state_dict(state_dict, args.output, metadata={"mlla": json.dumps(info)})
     print(f"wrote {args.output}: {len(state_dict)} tensors, {json.dumps(info)}")

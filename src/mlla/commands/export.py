@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
+
+_NO_CHECK = ("none", "off", "0")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,9 +25,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--min-size", type=int, default=64, help="smallest height/width the file accepts (default: 64)")
     p.add_argument("--max-size", type=int, default=4096, help="largest height/width the file accepts (default: 4096)")
     p.add_argument("--check-sizes", nargs="*", default=["224", "320x256", "512"],
-                   help="sizes to compare against PyTorch after export (default: 224 320x256 512; none to skip)")
+                   help="sizes to compare against PyTorch after export (default: 224 320x256 512; 'none' skips the check)")
     p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed absolute difference (default: 1e-4)")
     p.set_defaults(func=run)
+
+
+def check_output_path(output: str | os.PathLike) -> Path:
+    """Refuse an ``--output`` that cannot be written, before the (long) export starts."""
+    path = Path(output)
+    if path.is_dir():
+        raise ValueError(f"--output {path} is a folder; give a file name, e.g. {path / 'model.onnx'}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--output {path}: {parent} is a file, so nothing can be written under it; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"--output {path} is not writable by this user; choose a path in a folder you can write to")
+    return path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     from ..benchmark import parse_size
     from ..export import check_export, export_model
 
+    check_output_path(args.output)
+    check_sizes = [s for s in args.check_sizes if s.lower() not in _NO_CHECK]
+    sizes = [parse_size(s) for s in check_sizes]  # bad sizes: an error now, not after the export
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
     if args.features:
         kwargs["features_only"] = True
@@ -41,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
     path = export_model(model, args.output, args.format, example_size=parse_size(args.example_size),
                         min_size=args.min_size, max_size=args.max_size)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.format})")
-    if args.check_sizes:
-        diffs = check_export(path, model, [parse_size(s) for s in args.check_sizes], fmt=args.format)
+    if sizes:
+        diffs = check_export(path, model, sizes, fmt=args.format)
         for size, diff in diffs.items():
             print(f"  {size}: max |exported - PyTorch| = {diff:.2e}")
         worst = max(diffs.values())

@@ -68,7 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--model-kwargs", nargs="*", metavar="NAME=VALUE", help="extra model arguments, e.g. embed_dim=32 depths=1,2,2,1")
     g.add_argument("--num-classes", type=int, help="check the data has this many classes")
     g.add_argument("--drop-path", type=_optional(float), help="stochastic depth rate (default: the model's)")
-    g.add_argument("--initial-checkpoint", help="start from these weights (a new classifier is allowed: fine-tuning)")
+    g.add_argument("--initial-checkpoint", help="start from these weights (a new classifier is allowed: fine-tuning); "
+                   "a training checkpoint gives its raw weights")
+    g.add_argument("--initial-checkpoint-ema", action=_BOOL, help="take the EMA weights of --initial-checkpoint instead")
     g.add_argument("--grad-checkpointing", action=_BOOL, help="recompute activations in backward (less memory)")
     g.add_argument("--channels-last", action=_BOOL, help="channels-last input memory format")
     g.add_argument("--sync-bn", action=_BOOL, help="BatchNorm statistics over all processes")
@@ -78,7 +80,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--train-split")
     g.add_argument("--val-split")
     g.add_argument("--img-size", type=int)
-    g.add_argument("-j", "--workers", type=int, help="data loading processes per training process")
+    g.add_argument("-j", "--workers", type=_optional(int), help="data loading processes per training process "
+                   "(default: up to 4, no more than the cores)")
+    g.add_argument("--max-failed-fraction", type=float, help="stop when more than this fraction of an epoch's "
+                   "samples fail to load or transform (default 0.01; failed samples are skipped and logged)")
 
     g = p.add_argument_group("optimizer and schedule (learning rates at a total batch of --lr-base-size)")
     g.add_argument("--opt", help="timm optimizer name (adamw)")

@@ -75,14 +75,14 @@ def run(args: argparse.Namespace) -> int:
         _logger.warning("%s: class folders differ from the checkpoint's training classes; accuracy may be meaningless", split_root)
     env = DistEnv(device=pick_device(args.device))
     model.to(env.device)
-    loader = build_loader(dataset, args.batch_size, is_training=False, workers=args.workers, seed=0)
+    loader = build_loader(dataset, args.batch_size, is_training=False, workers=args.workers, seed=0, max_failed_fraction=None)
     autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if args.amp else None
     result = evaluate(model, loader, env, **({"autocast": autocast} if autocast else {}))
     result = dict(model=model_name, checkpoint=str(args.checkpoint), data=str(split_root), ema=args.use_ema, **result)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        skipped = f", {result['skipped']} unreadable images skipped" if result["skipped"] else ""
+        skipped = f", {result['skipped']} failed images skipped" if result["skipped"] else ""
         print(f"{model_name} on {split_root} ({result['images']} images{skipped}): top-1 {result['top1']:.2f}%  "
               f"top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}")
     return 0

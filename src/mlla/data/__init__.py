@@ -1,17 +1,30 @@
-"""Datasets (ImageFolder that survives bad files, the generated demo set), transforms, loaders."""
+"""Datasets (ImageFolder that survives bad samples, the generated demo set), image modes,
+safe augmentation, transforms, loaders that count failed samples."""
+from .auto_augment import harden_auto_augment
 from .dataset import IMG_EXTENSIONS, ImageFolderDataset, collate_skipping, find_split
 from .demo import DEMO_CLASSES, make_demo_dataset
-from .loader import ResumableSampler, build_loader
+from .failures import FailureLog, SampleFailure, Skipped, TooManyFailedSamples
+from .images import to_rgb
+from .loader import CountingLoader, ResumableSampler, available_cores, build_loader, default_workers
 from .transforms import build_transform
 
 __all__ = [
+    "CountingLoader",
     "DEMO_CLASSES",
+    "FailureLog",
     "IMG_EXTENSIONS",
     "ImageFolderDataset",
     "ResumableSampler",
+    "SampleFailure",
+    "Skipped",
+    "TooManyFailedSamples",
+    "available_cores",
     "build_loader",
     "build_transform",
     "collate_skipping",
+    "default_workers",
     "find_split",
+    "harden_auto_augment",
     "make_demo_dataset",
+    "to_rgb",
 ]

@@ -1,5 +1,8 @@
-"""ImageFolder datasets that survive bad files: unreadable or corrupt images are skipped and
-counted, non-image files are ignored with a warning, empty or missing splits are clear errors.
+"""ImageFolder datasets that survive bad samples: a file that cannot be read or a transform
+that raises on it is skipped and handed on as a :class:`~mlla.data.failures.SampleFailure` (the
+loader's :class:`~mlla.data.failures.FailureLog` counts and logs it), non-image files are ignored
+with a warning, empty or missing splits are clear errors. Every image mode reaches the transform
+as 8-bit RGB with its content kept (:func:`~mlla.data.images.to_rgb`).
 
 Augmentation is a pure function of ``(seed, epoch, index)``: each sample's transform runs under
 its own random state, so a run resumed mid-epoch sees exactly the images an uninterrupted run
@@ -15,8 +18,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, default_collate
+
+from .failures import SampleFailure, Skipped, describe_error
+from .images import to_rgb
 
 __all__ = ["IMG_EXTENSIONS", "ImageFolderDataset", "collate_skipping", "find_split"]
 
@@ -24,7 +30,6 @@ _logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _MAX_CONSECUTIVE_BAD = 64
-_READ_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
 
 
 def find_split(root: str | os.PathLike, split: str) -> Path:
@@ -45,15 +50,17 @@ def find_split(root: str | os.PathLike, split: str) -> Path:
 class ImageFolderDataset(Dataset):
     """Images in ``root/<class>/**``; classes are the sorted folder names.
 
-    ``__getitem__`` returns ``(image, target, n_skipped)``. An unreadable image is logged once
-    and replaced by the next readable one (``n_skipped`` = 1) (``replace_bad=True``, for training: batches keep
-    their size) or returned as ``None`` (for evaluation: :func:`collate_skipping` drops it).
-    Either way it is counted.
+    ``__getitem__`` returns ``(image, target, skipped)``. A sample whose file cannot be read or
+    whose transform raises is replaced by the next good one (``replace_bad=True``, for training:
+    batches keep their size; ``skipped`` counts and carries the failures, a
+    :class:`~mlla.data.failures.Skipped`) or returned as a
+    :class:`~mlla.data.failures.SampleFailure` (for evaluation: :func:`collate_skipping` drops
+    it). Either way it is counted; nothing is logged here (see :mod:`mlla.data.failures`).
 
     Args:
         root: folder with one sub-folder per class.
         transform: PIL image -> tensor ``(3, H, W)``.
-        replace_bad: replace rather than drop unreadable images.
+        replace_bad: replace rather than drop failed samples.
         seed: base of the per-sample random state (see :meth:`set_epoch`).
         class_to_idx: a fixed class mapping (e.g. the training split's) to check against.
     """
@@ -100,7 +107,6 @@ class ImageFolderDataset(Dataset):
             raise ValueError(
                 f"{self.root} has {len(classes)} class folders but no images ({', '.join(IMG_EXTENSIONS)})"
             )
-        self._bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -109,16 +115,10 @@ class ImageFolderDataset(Dataset):
         """Select the epoch's augmentation (call before iterating a loader over this set)."""
         self.epoch = epoch
 
-    def _load(self, index: int) -> Image.Image | None:
-        path = self.samples[index][0]
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except _READ_ERRORS as e:
-            if index not in self._bad:
-                self._bad.add(index)
-                _logger.warning("skipping unreadable image %s (%s: %s)", path, type(e).__name__, e)
-            return None
+    def _load(self, index: int) -> Image.Image:
+        with Image.open(self.samples[index][0]) as img:
+            img.load()
+            return to_rgb(img)
 
     def _transform(self, img: Image.Image, index: int) -> Any:
         if self.transform is None:
@@ -137,28 +137,59 @@ class ImageFolderDataset(Dataset):
             np.random.set_state(states[1])
             torch.set_rng_state(states[2])
 
-    def __getitem__(self, index: int) -> tuple[Any, int, int] | None:
-        for skipped in range(min(len(self), _MAX_CONSECUTIVE_BAD)):
-            i = (index + skipped) % len(self)
-            img = self._load(i)
-            if img is not None:  # counts 1 when the requested image was unreadable (once per epoch)
-                return self._transform(img, i), self.samples[i][1], int(skipped > 0)
-            if not self.replace_bad:
-                return None
+    def _sample(self, index: int) -> tuple[Any, int]:
+        """``(image, target)`` of ``index``; raises :class:`_SampleError` saying which stage failed."""
+        path = self.samples[index][0]
+        try:
+            img = self._load(index)
+        except Exception as e:  # any reader error: corrupt, truncated, not an image, odd mode
+            raise _SampleError(SampleFailure(index, path, "load", describe_error(e, path))) from e
+        try:
+            return self._transform(img, index), self.samples[index][1]
+        except Exception as e:  # a transform that raises on this image: skip it, not the run
+            raise _SampleError(SampleFailure(index, path, "transform", describe_error(e, path))) from e
+
+    def __getitem__(self, index: int) -> tuple[Any, int, Skipped] | SampleFailure:
+        failures: list[SampleFailure] = []
+        for attempt in range(min(len(self), _MAX_CONSECUTIVE_BAD)):
+            i = (index + attempt) % len(self)
+            try:
+                image, target = self._sample(i)
+            except _SampleError as e:
+                failures.append(e.failure)
+                if not self.replace_bad:
+                    return e.failure
+                continue
+            # Only the requested sample counts: a replacement that failed too is counted when
+            # it is requested itself (on whichever process), so each failure counts once an epoch.
+            return image, target, Skipped(failures[:1])
+        last = failures[-1]
         raise RuntimeError(
-            f"{self.root}: {min(len(self), _MAX_CONSECUTIVE_BAD)} images in a row from {self.samples[index][0]} "
-            f"are unreadable; check the dataset (corrupt copy, wrong folder?)"
+            f"{self.root}: {len(failures)} samples in a row from {self.samples[index][0]} failed (unreadable "
+            f"files or a failing transform), the last {last.path} ({last.kind}); check the dataset (corrupt copy, "
+            f"wrong folder?) and the transform"
         )
 
 
-def collate_skipping(batch: list[tuple[Any, int, int] | None]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Collate ``(image, target, n_skipped)`` samples, dropping ``None`` (unreadable) ones.
+class _SampleError(Exception):
+    def __init__(self, failure: SampleFailure) -> None:
+        super().__init__(failure.kind)
+        self.failure = failure
 
-    Returns ``(images (B, 3, H, W), targets (B,), n_skipped)``; ``B`` may be 0.
+
+def collate_skipping(batch: list[tuple[Any, int, int] | SampleFailure | None]) -> tuple[torch.Tensor, torch.Tensor, Skipped]:
+    """Collate ``(image, target, skipped)`` samples, dropping failed ones (:class:`SampleFailure`
+    or ``None``).
+
+    Returns ``(images (B, 3, H, W), targets (B,), skipped)``; ``B`` may be 0. ``skipped`` is the
+    number of failed samples, a :class:`~mlla.data.failures.Skipped` carrying their records.
     """
-    good = [s for s in batch if s is not None]
-    skipped = len(batch) - len(good) + sum(s[2] for s in good)
+    good = [s for s in batch if isinstance(s, tuple)]
+    failures = [s for s in batch if isinstance(s, SampleFailure)]
+    for s in good:
+        failures.extend(getattr(s[2], "failures", ()))
+    skipped = Skipped(failures)
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
-    images, targets, _ = default_collate(good)
+    images, targets = default_collate([(s[0], s[1]) for s in good])
     return images, targets, skipped

@@ -1,15 +1,21 @@
 """Data loaders whose sample order is a function of ``(seed, epoch)`` and that can start
-mid-epoch (for resuming), on one process or many."""
+mid-epoch (for resuming), on one process or many; they count failed samples
+(:class:`~mlla.data.failures.FailureLog`) and their workers leave Ctrl-C to the main process."""
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .dataset import collate_skipping
+from .failures import FailureLog
 
-__all__ = ["ResumableSampler", "build_loader"]
+__all__ = ["CountingLoader", "ResumableSampler", "available_cores", "build_loader", "default_workers"]
+
+_MAX_DEFAULT_WORKERS = 4
 
 
 class ResumableSampler(DistributedSampler):
@@ -43,28 +49,76 @@ class ResumableSampler(DistributedSampler):
         return n - self.start
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Loader workers per training process: up to 4, never more than this process's share of
+    the cores (``LOCAL_WORLD_SIZE`` processes per machine under ``torchrun``), at least 1."""
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(_MAX_DEFAULT_WORKERS, available_cores() // local_processes))
+
+
+def _worker_init(worker_id: int) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the main process alone reports it
+    # and stops the loader; SIGTERM (sent by the loader to stop a stuck worker) ends the worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class CountingLoader(DataLoader):
+    """A ``DataLoader`` of ``(inputs, targets, skipped)`` batches that passes every batch's
+    ``skipped`` to its :class:`~mlla.data.failures.FailureLog` (``failures``) in the main
+    process: each failed file is logged once, and a pass with too many failures raises
+    :class:`~mlla.data.failures.TooManyFailedSamples`."""
+
+    def __init__(self, dataset: Dataset, *args: Any, failures: FailureLog, **kwargs: Any) -> None:
+        super().__init__(dataset, *args, **kwargs)
+        self.failures = failures
+
+    def _pass_samples(self) -> int:
+        sampler = self.sampler
+        return len(sampler) + getattr(sampler, "start", 0)
+
+    def __iter__(self) -> Iterator[Any]:
+        self.failures.start_pass(self._pass_samples())
+        for batch in super().__iter__():
+            if isinstance(batch, (tuple, list)) and len(batch) == 3:
+                self.failures.record(batch[2])
+            yield batch
+
+
 def build_loader(
     dataset: Dataset,
     batch_size: int,
     *,
     is_training: bool,
-    workers: int,
+    workers: int | None,
     seed: int,
     rank: int = 0,
     world_size: int = 1,
     pin_memory: bool = False,
+    max_failed_fraction: float | None = 0.01,
     collate_fn: Callable[[list[Any]], Any] = collate_skipping,
-) -> DataLoader:
-    """A loader of ``collate_fn``'s batches (by default ``(images, targets, n_skipped)``); training
+) -> CountingLoader:
+    """A loader of ``collate_fn``'s batches (by default ``(images, targets, skipped)``); training
     drops the last partial batch.
 
     The loader's own generator seeds the workers, so building an iterator does not draw from
-    the global random state (which a resumed run restores from its checkpoint).
+    the global random state (which a resumed run restores from its checkpoint). ``workers``
+    None: :func:`default_workers`. More than ``max_failed_fraction`` failed samples in one pass
+    stop it (see :class:`CountingLoader`).
     """
     sampler = ResumableSampler(
         dataset, num_replicas=world_size, rank=rank, shuffle=is_training, seed=seed, drop_last=is_training
     )
-    return DataLoader(
+    workers = default_workers() if workers is None else workers
+    return CountingLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -74,4 +128,6 @@ def build_loader(
         drop_last=is_training,
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=False,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        failures=FailureLog(max_failed_fraction, "training" if is_training else "validation"),
     )

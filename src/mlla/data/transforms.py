@@ -3,10 +3,24 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-__all__ = ["build_transform"]
+from .auto_augment import harden_auto_augment
+from .images import to_rgb
+
+__all__ = ["ToRGB", "build_transform"]
+
+
+class ToRGB:
+    """Transform: any PIL image -> 8-bit RGB with its content kept (:func:`~mlla.data.images.to_rgb`)."""
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return to_rgb(img)
+
+    def __repr__(self) -> str:
+        return "ToRGB()"
 
 
 def build_transform(
@@ -30,19 +44,26 @@ def build_transform(
     colour jitter (only without ``aa``, as in timm) and random erasing (``reprob``); with
     ``no_aug`` the evaluation transform is used for training too. Evaluation: resize to
     ``img_size / crop_pct`` and centre-crop. Mean and std come from the model's config.
+    Both start with :class:`ToRGB` (16-bit, palette, alpha, CMYK images keep their content), and
+    the auto-augment operations are made safe for every Pillow version
+    (:func:`~mlla.data.auto_augment.harden_auto_augment`).
     """
     data_cfg = resolve_data_config(
         dict(input_size=(3, img_size, img_size), crop_pct=crop_pct, interpolation=interpolation), model=model
     )
     if not is_training or no_aug:
-        return create_transform(**data_cfg, is_training=False)
-    return create_transform(
-        **data_cfg,
-        is_training=True,
-        scale=tuple(scale),
-        hflip=hflip,
-        auto_augment=aa,
-        color_jitter=color_jitter,
-        re_prob=reprob,
-        re_mode=remode,
-    )
+        transform = create_transform(**data_cfg, is_training=False)
+    else:
+        transform = create_transform(
+            **data_cfg,
+            is_training=True,
+            scale=tuple(scale),
+            hflip=hflip,
+            auto_augment=aa,
+            color_jitter=color_jitter,
+            re_prob=reprob,
+            re_mode=remode,
+        )
+    harden_auto_augment(transform)
+    transform.transforms.insert(0, ToRGB())
+    return transform

@@ -17,10 +17,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, atomic_save, load_checkpoint, read_checkpoint
-from ..models import checkpoint_filter_fn
+from ..checkpoint import atomic_save, load_weights, read_checkpoint
 
-__all__ = ["capture_rng", "find_resume", "load_model_weights", "restore_rng", "save_checkpoint"]
+__all__ = [
+    "RUN_FILES",
+    "capture_rng",
+    "discard_failed_run",
+    "find_resume",
+    "load_model_weights",
+    "prepare_output",
+    "remove_stale_temp_files",
+    "restore_rng",
+    "save_checkpoint",
+]
+
+#: What a run writes in its folder besides checkpoints (removed again when a run fails before
+#: its first checkpoint).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "metrics.csv", "metrics.png")
 
 _logger = logging.getLogger(__name__)
 
@@ -54,6 +67,50 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
     return atomic_save(lambda tmp: torch.save(state, tmp), path)
 
 
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the ``.NAME.*.tmp`` files :func:`~mlla.checkpoint.atomic_save` leaves in ``folder``
+    when its process is killed mid-write (never a complete file: the rename had not happened).
+    Returns what was removed."""
+    removed = []
+    if folder.is_dir():
+        for tmp in sorted(folder.glob(".*.tmp")):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    if removed:
+        _logger.info("removed %d unfinished temporary file(s) of an earlier, killed run: %s", len(removed),
+                     ", ".join(p.name for p in removed))
+    return removed
+
+
+def prepare_output(output: Path) -> bool:
+    """Make the run folder ``output`` (checked with :func:`~mlla.engine.preflight.check_output`
+    first) and clear an earlier killed run's temporary files. Returns True when it was created
+    now (see :func:`discard_failed_run`)."""
+    from .preflight import check_output
+
+    check_output(output)
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(output)
+    return created
+
+
+def discard_failed_run(output: Path) -> bool:
+    """After a run failed before its first checkpoint: delete what it wrote (:data:`RUN_FILES`,
+    temporary files) and ``output`` itself when that leaves it empty. Returns True if removed."""
+    if not output.is_dir() or (output / "last.pth").exists() or (output / "best.pth").exists():
+        return False
+    for name in RUN_FILES:
+        (output / name).unlink(missing_ok=True)
+    remove_stale_temp_files(output)
+    try:
+        output.rmdir()
+    except OSError:  # something else lives there (e.g. the generated demo data): keep it
+        return False
+    return True
+
+
 def find_resume(resume: str | None, output: Path) -> Path | None:
     """The checkpoint to continue from: ``'auto'`` -> ``output/last.pth`` if present."""
     if not resume:
@@ -68,22 +125,12 @@ def find_resume(resume: str | None, output: Path) -> Path | None:
 
 
 def load_model_weights(model: nn.Module, path: str | os.PathLike, *, use_ema: bool = False) -> dict[str, Any]:
-    """Load a model's weights from ``path`` (ours, the authors' layout or a bare state dict)
-    with :func:`mlla.load_checkpoint`; ``use_ema`` takes the EMA weights of a training checkpoint.
+    """Load a model's weights from ``path`` (ours, the authors' layout or a bare state dict) by
+    :func:`mlla.checkpoint.select_weights`' rule: raw weights, or the EMA ones with ``use_ema``.
 
     Returns the file's entries other than weights (e.g. ``class_to_idx``, ``epoch``). Raises
     :class:`~mlla.CheckpointError` when the weights do not fit (e.g. another number of classes).
     """
     ckpt = read_checkpoint(path)
-    extras = {k: v for k, v in ckpt.items() if not isinstance(v, (dict, torch.Tensor)) or k in ("class_to_idx", "best")}
-    if not use_ema:
-        load_checkpoint(model, path)
-        return extras
-    ema = ckpt.get("model_ema")
-    if not isinstance(ema, dict):
-        raise CheckpointError(f"{path} holds no EMA weights; drop --use-ema")
-    try:
-        model.load_state_dict(checkpoint_filter_fn(ema, model))
-    except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: EMA weights do not fit the model: {str(e).splitlines()[0]}") from e
-    return extras
+    load_weights(model, ckpt, source=str(path), use_ema=use_ema)
+    return {k: v for k, v in ckpt.items() if not isinstance(v, (dict, torch.Tensor)) or k in ("class_to_idx", "best")}

@@ -67,7 +67,8 @@ class ClassificationTask(Task):
         try:
             val_root = find_split(data_dir, cfg.val_split)
         except FileNotFoundError as e:
-            _logger.warning("%s: training without validation (best.pth follows the training loss)", e)
+            _logger.warning("%s: training without validation (best.pth follows the training loss); put held-out "
+                            "images in %s/<class>/ to measure accuracy", e, data_dir / cfg.val_split)
             return train_set, None
         val_tf = build_transform(probe, is_training=False, **transform_args)
         return train_set, ImageFolderDataset(val_root, val_tf, class_to_idx=self.class_to_idx)
@@ -97,8 +98,8 @@ class ClassificationTask(Task):
             kwargs["drop_path_rate"] = cfg.drop_path
         model = create_model(cfg.model, **kwargs)
         if cfg.initial_checkpoint:
-            load_checkpoint(model, cfg.initial_checkpoint, allow_head_mismatch=True)
-            _logger.info("initial weights from %s", cfg.initial_checkpoint)
+            load_checkpoint(model, cfg.initial_checkpoint, allow_head_mismatch=True, use_ema=cfg.initial_checkpoint_ema)
+            _logger.info("initial weights from %s%s", cfg.initial_checkpoint, " (EMA)" if cfg.initial_checkpoint_ema else "")
         return model
 
     def training_loss(

@@ -30,6 +30,7 @@ class TrainConfig:
     num_classes: int | None = None  # None: the number of class folders
     drop_path: float | None = None  # None: the model's default
     initial_checkpoint: str | None = None  # weights to start from (fine-tuning; new head allowed)
+    initial_checkpoint_ema: bool = False  # take initial_checkpoint's EMA weights, not its raw ones
     grad_checkpointing: bool = False
     channels_last: bool = False
     sync_bn: bool = False
@@ -38,7 +39,8 @@ class TrainConfig:
     train_split: str = "train"
     val_split: str = "val"
     img_size: int = 224
-    workers: int = 4
+    workers: int | None = None  # loader processes per training process; None: up to 4, within the cores
+    max_failed_fraction: float = 0.01  # stop when more of an epoch's samples fail (unreadable, transform error)
     # run
     output: str | None = None
     resume: str | None = None  # 'auto' (output/last.pth if there), or a checkpoint path
@@ -108,6 +110,10 @@ class TrainConfig:
         if self.lr is not None:
             scale = self.lr / self.lr_base
         return self.lr_base * scale, self.warmup_lr_base * scale, self.min_lr_base * scale
+
+    def run_dir(self) -> Path:
+        """The run folder: ``output``, or ``runs/<model>``."""
+        return Path(self.output) if self.output else Path("runs") / (self.model or "run")
 
     def ema_decay(self, total_batch: int) -> float:
         """Per-step EMA decay for ``total_batch`` images per step."""

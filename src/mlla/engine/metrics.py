@@ -25,11 +25,14 @@ def _csv_fields(rows: list[dict[str, Any]]) -> list[str]:
 
 
 class MetricsLog:
-    """Appends one row per epoch; on resume, rows from the epoch resumed onwards are dropped."""
+    """Appends one row per epoch; ``epoch`` counts from 1 (the epochs done), as the log and the
+    plot do. ``start_epoch``: the epochs already done (on resume); later rows are dropped, and
+    so is a last line cut short by a killed process. ``metrics.csv`` is rewritten from the same
+    rows, so the two files always agree."""
 
     def __init__(self, output: Path, *, start_epoch: int = 0, tensorboard: bool = False) -> None:
         self.jsonl, self.csv = output / "metrics.jsonl", output / "metrics.csv"
-        self.rows = [r for r in self._read() if r["epoch"] < start_epoch]
+        self.rows = [r for r in self._read() if r["epoch"] <= start_epoch]
         self._rewrite()
         self.tb = None
         if tensorboard:
@@ -43,7 +46,22 @@ class MetricsLog:
     def _read(self) -> list[dict[str, Any]]:
         if not self.jsonl.is_file():
             return []
-        return [json.loads(line) for line in self.jsonl.read_text().splitlines() if line.strip()]
+        rows, broken = [], 0
+        for line in self.jsonl.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                broken += 1  # a line cut short when a run was killed mid-write
+                continue
+            if isinstance(row, dict) and "epoch" in row:
+                rows.append(row)
+            else:
+                broken += 1
+        if broken:
+            _logger.warning("%s: dropped %d incomplete line(s) left by an interrupted run", self.jsonl, broken)
+        return rows
 
     def _rewrite(self) -> None:
         text = "".join(json.dumps(r) + "\n" for r in self.rows)
@@ -87,7 +105,7 @@ def plot_metrics(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [r["epoch"] + 1 for r in rows]
+    epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
         if any(r.get(key) is not None for r in rows):

@@ -25,10 +25,11 @@ from tqdm import tqdm
 
 from ..checkpoint import CheckpointError, read_checkpoint
 from ..data import build_loader
-from .checkpointing import capture_rng, find_resume, restore_rng, save_checkpoint
+from .checkpointing import capture_rng, discard_failed_run, find_resume, prepare_output, restore_rng, save_checkpoint
 from .config import TrainConfig, save_yaml
 from .distributed import DistEnv, all_reduce_sum, convert_sync_batchnorm, destroy_distributed, init_distributed
 from .metrics import MetricsLog, plot_metrics
+from .preflight import check_schedule, check_settings
 from .schedule import build_scheduler
 from .task import Task, build_task
 
@@ -48,8 +49,13 @@ def fit(cfg: TrainConfig, *, task: Task | None = None, on_step: Callable[[int], 
     checkpoint is kept).
     """
     env = init_distributed(cfg.device)
+    created = not cfg.run_dir().exists()
     try:
         return Trainer(cfg, env, task=task, on_step=on_step).run()
+    except BaseException:
+        if env.is_main and created:
+            discard_failed_run(cfg.run_dir())  # no empty run folder left behind
+        raise
     finally:
         destroy_distributed()
 
@@ -94,15 +100,16 @@ class Trainer:
         if not cfg.model:
             raise ValueError("no model given: pass --model NAME (see `mlla models`) or a --preset")
         self.cfg, self.env, self.on_step = cfg, env, on_step
+        self.output = cfg.run_dir()
         self.task = task or build_task(cfg)
-        self.output = Path(cfg.output or Path("runs") / cfg.model)
+        check_settings(cfg, env.world_size, output=self.output, task=self.task, log=env.is_main)  # before any work
         self.resume_from = find_resume(cfg.resume, self.output)
         if self.resume_from is None and (self.output / "last.pth").is_file():
             raise ValueError(
                 f"{self.output} already holds a run (last.pth); continue it with --resume auto or choose another --output"
             )
         if env.is_main:
-            self.output.mkdir(parents=True, exist_ok=True)
+            prepare_output(self.output)  # also clears a killed run's temporary files
         self.stop = _StopOnSignal()
         self._seed_everything(cfg.seed)
         self._build_data()
@@ -152,7 +159,7 @@ class Trainer:
             )
         loader_args = dict(
             workers=cfg.workers, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-            pin_memory=env.device.type == "cuda", collate_fn=self.task.collate,
+            pin_memory=env.device.type == "cuda", collate_fn=self.task.collate, max_failed_fraction=cfg.max_failed_fraction,
         )
         self.train_loader = build_loader(self.train_set, cfg.batch_size, is_training=True, **loader_args)
         self.val_loader = None
@@ -189,6 +196,7 @@ class Trainer:
         )
         self.steps_per_epoch = len(self.train_loader)
         self.scheduler, warmup = build_scheduler(self.optimizer, cfg, self.steps_per_epoch, warmup_lr, min_lr)
+        check_schedule(cfg, global_batch, self.steps_per_epoch, log=env.is_main and self.resume_from is None)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         _logger.info(
@@ -342,7 +350,7 @@ class Trainer:
         totals = dict(zip(names, sums.tolist()))
         steps = max(totals.pop("steps", 0.0), 1.0)
         row: dict[str, Any] = dict(
-            epoch=self.epoch, step=self.global_step, lr=self.optimizer.param_groups[0]["lr"],
+            epoch=self.epoch + 1, step=self.global_step, lr=self.optimizer.param_groups[0]["lr"],
             train_loss=totals.pop("loss", 0.0) / steps, train_skipped=int(totals.pop("skipped", 0.0)),
         )
         images = totals.pop("images", 0.0)
@@ -358,13 +366,13 @@ class Trainer:
         return row
 
     def _log_epoch(self, row: dict[str, Any]) -> None:
-        parts = [f"epoch {row['epoch'] + 1}/{self.cfg.epochs}", f"train loss {row['train_loss']:.4f}"]
+        parts = [f"epoch {row['epoch']}/{self.cfg.epochs}", f"train loss {row['train_loss']:.4f}"]
         for prefix, label in (("val_", "val"), ("ema_", "EMA")):
             metrics = {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)}
             if metrics:
                 parts.append(f"{label} {self.task.describe(metrics)}")
         skipped = row["train_skipped"] + row.get("val_skipped", 0)
-        parts.append(f"{skipped} unreadable images skipped" if skipped else "no unreadable images")
+        parts.append(f"{skipped} failed samples skipped (logged above)" if skipped else "no failed samples")
         parts.append(f"{row['train_img_per_s']:.0f} img/s")
         _logger.info(", ".join(parts))
 
@@ -383,12 +391,12 @@ class Trainer:
                 self._save_best(row)
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 self.meters = {}
-                self.save_last()
-                if env.is_main:
+                if env.is_main:  # the row before last.pth: a kill in between redoes the epoch, no gap
                     self.metrics.append(row)
                     plot_metrics(self.metrics.rows, self.output / "metrics.png", metric=self.task.best_metric,
                                  metric_label=self.task.best_metric_label)
                     self._log_epoch(row)
+                self.save_last()
                 if self._agree(torch.zeros(()))[1]:
                     status = "interrupted"
                     break

@@ -118,7 +118,10 @@ class GatedLinearAttention(nn.Module):
             q, k = apply_rope_2d(torch.cat([q_norm, k_norm], dim=-1), cos, sin).chunk(2, dim=-1)
             q_norm, k_norm = (t.reshape(B, N, h, -1) for t in (q_norm, k_norm))
             kernel = "identity"
-        if not self.normalize:
+        if not self.normalize:  # divide the sums over the N tokens by N: phi(q) / N, not phi(q / N)
+            if kernel != "identity":
+                phi = feature_map(kernel)
+                q, k, kernel = phi(q), phi(k), "identity"
             q = q / N
         y = gated_linear_attention(
             q.reshape(B, N, h, -1),

@@ -35,7 +35,7 @@ from torch import nn
 from ..layers.ablation_blocks import LinearAttentionBlock, MambaStyleBlock
 from .registry import PAPER_RESULTS
 
-__all__ = ["LinearSwin"]
+__all__ = ["ABLATION_VARIANTS", "LinearSwin", "variant_switches"]
 
 _POS_EMBEDS = (None, "ape", "lepe", "cpe", "rope")
 
@@ -199,6 +199,17 @@ _VARIANTS: dict[str, dict[str, Any]] = {
     "ablation_cpe": dict(pos_embed="cpe"),
     "ablation_rope": dict(pos_embed="rope"),
 }
+
+#: The registered variants in the paper's order (Table 1, then Table 2).
+ABLATION_VARIANTS: tuple[str, ...] = tuple(_VARIANTS)
+
+
+def variant_switches(name: str) -> dict[str, Any]:
+    """The model arguments by which ablation variant ``name`` differs from the baseline (a copy)."""
+    if name not in _VARIANTS:
+        raise ValueError(f"{name!r} is not an ablation variant; choose from {', '.join(_VARIANTS)}")
+    return dict(_VARIANTS[name])
+
 
 default_cfgs = generate_default_cfgs({f"{name}.untrained": _cfg() for name in _VARIANTS})
 

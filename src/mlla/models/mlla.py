@@ -24,7 +24,7 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import unwrap_state_dict
+from ..checkpoint import load_checkpoint, unwrap_state_dict
 from ..layers import MllaBlock, MllaDownsample, MllaStem
 from ..ops.rope import rope_2d_head_tables
 
@@ -184,6 +184,12 @@ class MLLA(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's ``custom_load`` hook for ``pretrained=True``: :func:`mlla.load_checkpoint`
+        (safe reader, one weight-selection rule), keeping the classifier for another class count."""
+        load_checkpoint(self, checkpoint_path, allow_head_mismatch=True)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
@@ -358,8 +364,13 @@ def _complete_and_check(state_dict: dict[str, torch.Tensor], model: nn.Module) -
         state_dict[k] = own[k]
     if filled:
         _logger.info("checkpoint has no %s: kept the model's initial values", sorted({k.rsplit('.', 1)[0] for k in filled}))
-    for k in [k for k in state_dict if k.startswith(("stage_norms.", "norm.")) and k not in own]:
-        del state_dict[k]  # the other mode's norms (e.g. norm0..3 when loading into a classifier)
+    # The other mode's layers: norm0..3 loaded into a classifier, or the final norm and classifier
+    # loaded into a backbone (features_only prunes them).
+    dropped = [k for k in state_dict if k.startswith(("stage_norms.", "norm.", "head.")) and k not in own]
+    for k in dropped:
+        del state_dict[k]
+    if dropped:
+        _logger.info("the model has no %s: dropped from the checkpoint", sorted({k.rsplit('.', 1)[0] for k in dropped}))
     mismatched = [
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in state_dict.items()
@@ -376,6 +387,7 @@ def _complete_and_check(state_dict: dict[str, torch.Tensor], model: nn.Module) -
 def _cfg(**kwargs: Any) -> dict[str, Any]:
     return {
         "url": "",
+        "custom_load": True,  # timm downloads (and caches) the file, then calls MLLA.load_pretrained
         "num_classes": 1000,
         "input_size": (3, 224, 224),
         "pool_size": (7, 7),
@@ -394,10 +406,15 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
     }
 
 
+# The authors' ImageNet-1k checkpoints (their README's table, LeapLabTHU/MLLA): training
+# checkpoints in their layout, converted on load. The links end in "/?dl=1", so each url is a
+# (url, file name) pair: the name timm caches the download under.
+_AUTHORS_WEIGHTS = "https://cloud.tsinghua.edu.cn/f/{}/?dl=1"
+
 default_cfgs = generate_default_cfgs({
-    "mlla_tiny.in1k": _cfg(),
-    "mlla_small.in1k": _cfg(),
-    "mlla_base.in1k": _cfg(),
+    "mlla_tiny.in1k": _cfg(url=(_AUTHORS_WEIGHTS.format("7a19712877cb4242889c"), "mlla_tiny_in1k_authors.pth")),
+    "mlla_small.in1k": _cfg(url=(_AUTHORS_WEIGHTS.format("0e5d0b1409d540aaa80c"), "mlla_small_in1k_authors.pth")),
+    "mlla_base.in1k": _cfg(url=(_AUTHORS_WEIGHTS.format("91c85c5a1061496d8796"), "mlla_base_in1k_authors.pth")),
     "test_mlla.untrained": _cfg(input_size=(3, 160, 160), pool_size=(5, 5), crop_pct=0.95),
 })
 
@@ -406,6 +423,11 @@ def _create_mlla(variant: str, pretrained: bool = False, **kwargs: Any) -> MLLA:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     if kwargs.get("features_only"):
         kwargs.setdefault("stage_norms", True)
+    overlay = kwargs.get("pretrained_cfg_overlay")
+    if overlay and (overlay.get("file") or overlay.get("url")):
+        # timm resets custom_load for a user-given file or url; keep ours, so every file goes
+        # through MLLA.load_pretrained (the safe reader and the one weight-selection rule).
+        kwargs["pretrained_cfg_overlay"] = dict(overlay, custom_load=overlay.get("custom_load", True))
     return build_model_with_cfg(
         MLLA,
         variant,

@@ -1,0 +1,194 @@
+"""Checks of a training configuration before any work starts (no run folder, no data generated).
+
+:func:`check_settings` refuses settings that cannot work, each refusal saying what was wrong and
+what to do, and warns, with the fix, about settings that would make training ineffective.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from ..data import IMG_EXTENSIONS, available_cores, default_workers
+from .config import TrainConfig
+
+__all__ = ["MIN_IMG_SIZE", "SettingsError", "check_output", "check_schedule", "check_settings"]
+
+_logger = logging.getLogger(__name__)
+
+#: Smallest ``img_size``: MLLA downsamples by 32 (4 at the stem, 2 at each of three merges).
+MIN_IMG_SIZE = 32
+#: Warn when the scaled peak learning rate is below this fraction of ``lr_base`` (the recipe's
+#: value at its total batch): 1/8 is a total batch of 64 against the recipe's 512.
+_LOW_LR_FRACTION = 1 / 8
+
+
+class SettingsError(ValueError):
+    """A training setting that cannot work."""
+
+
+def _positive_int(cfg: TrainConfig, name: str, flag: str, hint: str) -> None:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SettingsError(f"{flag} must be a whole number of at least 1, got {value!r}; {hint}")
+
+
+def _positive_float(value: object, flag: str, hint: str, *, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        raise SettingsError(f"{flag} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}; {hint}")
+
+
+def check_output(output: Path) -> None:
+    """Raise :class:`SettingsError` unless ``output`` is (or can be made) a writable folder."""
+    if output.exists() and not output.is_dir():
+        raise SettingsError(f"--output {output} is an existing file, not a folder; give a folder path (e.g. runs/NAME)")
+    existing = output
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SettingsError(f"--output {output}: {existing} is a file, so no folder can be made under it; choose another --output")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SettingsError(f"--output {output}: {existing} is not writable by this user; choose a folder you can write to")
+
+
+def _has_image(folder: Path) -> bool:
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
+            return True
+    return False
+
+
+def _check_image_folder(cfg: TrainConfig) -> list[str]:
+    """Refusals and warnings for ``cfg.data_dir`` as an ImageFolder (classification)."""
+    root = Path(cfg.data_dir)
+    layout = f"expected {root}/{cfg.train_split}/<class>/<images> (and {root}/{cfg.val_split}/<class>/<images>)"
+    if not root.is_dir():
+        raise SettingsError(f"--data-dir {root} does not exist or is not a folder; {layout}")
+    train = root / cfg.train_split
+    if not train.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise SettingsError(
+            f"--data-dir {root} has no '{cfg.train_split}' folder (found: {', '.join(found) or 'nothing'}); {layout}, "
+            f"or name the split with --train-split"
+        )
+    classes = sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    with_images = []
+    for c in classes:  # stop at two: enough to know, cheap on ImageNet
+        if _has_image(c):
+            with_images.append(c.name)
+            if len(with_images) == 2:
+                break
+    if not with_images:
+        raise SettingsError(
+            f"{train} holds no images in class folders ({len(classes)} class folders; images are "
+            f"{', '.join(IMG_EXTENSIONS)}); {layout}"
+        )
+    if len(with_images) == 1:
+        raise SettingsError(
+            f"{train} has images of one class only ({with_images[0]}): a classifier of one class learns nothing "
+            f"(its loss is 0 and its accuracy 100% from the start); add a folder per class, {layout}"
+        )
+    return []
+
+
+def _ineffective(cfg: TrainConfig, world_size: int) -> list[str]:
+    """Warnings about settings that run but train badly."""
+    warnings = []
+    if cfg.warmup_steps is None and cfg.warmup_epochs >= cfg.epochs:
+        warnings.append(
+            f"--warmup-epochs {cfg.warmup_epochs:g} covers the whole run of {cfg.epochs} epochs: the learning rate never "
+            f"reaches its peak and never decays. Use --warmup-epochs {max(cfg.epochs / 10, 0):g} (a tenth of the run) "
+            f"or fewer, or a preset made for short runs (--preset finetune)"
+        )
+    total_batch = cfg.batch_size * world_size
+    if cfg.lr is None:
+        lr, _, _ = cfg.scaled_lrs(total_batch)
+        if lr < _LOW_LR_FRACTION * cfg.lr_base:
+            warnings.append(
+                f"the peak learning rate is {lr:.2g}: --lr-base {cfg.lr_base:g} is given for a total batch of "
+                f"{cfg.lr_base_size} and scaled down to your total batch of {total_batch}, which is too small to learn "
+                f"much. Give the rate itself (e.g. --lr {cfg.lr_base:g}) or --lr-base-size {total_batch}"
+            )
+    cores = available_cores()
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if cfg.workers is not None and cfg.workers * local > cores:
+        warnings.append(
+            f"--workers {cfg.workers} loader processes x {local} training process(es) is more than the {cores} CPU cores: "
+            f"they compete and slow loading down. Use -j {default_workers()} (or leave -j out for that default)"
+        )
+    return warnings
+
+
+def check_settings(
+    cfg: TrainConfig, world_size: int = 1, *, output: Path | None = None, task: Any = None, log: bool = True
+) -> list[str]:
+    """Check ``cfg`` before any work: raise :class:`SettingsError` (a ValueError) for settings that
+    cannot work; return (and with ``log`` log) warnings, each with its fix.
+
+    ``output`` is the run folder (``--output``). The data folder is checked as an ImageFolder
+    when the run's ``task`` (default: the one ``cfg.task`` names) is classification.
+    """
+    _positive_int(cfg, "epochs", "--epochs", "give the number of passes over the training data, e.g. --epochs 30")
+    _positive_int(cfg, "batch_size", "--batch-size", "give the images per process and step, e.g. -b 64")
+    if isinstance(cfg.img_size, bool) or not isinstance(cfg.img_size, int) or cfg.img_size < MIN_IMG_SIZE:
+        raise SettingsError(
+            f"--img-size must be a whole number of at least {MIN_IMG_SIZE} (the model downsamples by 32), "
+            f"got {cfg.img_size!r}; e.g. --img-size 224 (or 32 for tiny images)"
+        )
+    if cfg.lr is not None:
+        _positive_float(cfg.lr, "--lr", "e.g. --lr 5e-4, or leave it out to scale --lr-base with the batch")
+    _positive_float(cfg.lr_base, "--lr-base", "the recipe's is 5e-4")
+    _positive_float(cfg.warmup_lr_base, "--warmup-lr-base", "the recipe's is 5e-7", allow_zero=True)
+    _positive_float(cfg.min_lr_base, "--min-lr-base", "the recipe's is 5e-6", allow_zero=True)
+    _positive_float(cfg.warmup_epochs, "--warmup-epochs", "0 turns warm-up off", allow_zero=True)
+    _positive_int(cfg, "lr_base_size", "--lr-base-size", "the total batch --lr-base is given for (the recipe's is 512)")
+    if cfg.workers is not None and (isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 0):
+        raise SettingsError(f"--workers must be 0 (load in the training process) or more, got {cfg.workers!r}")
+    fraction = cfg.max_failed_fraction
+    if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 <= fraction <= 1:
+        raise SettingsError(
+            f"--max-failed-fraction must lie in [0, 1], got {fraction!r}; e.g. 0.01 stops a run when more than 1% of "
+            f"an epoch's samples fail"
+        )
+    if output is not None:
+        check_output(output)
+    warnings = []
+    from .classification import ClassificationTask
+
+    classifying = isinstance(task, ClassificationTask) if task is not None else cfg.task == "classification"
+    if cfg.data_dir is not None and classifying:
+        warnings += _check_image_folder(cfg)
+    warnings += _ineffective(cfg, world_size)
+    if log:
+        for w in warnings:
+            _logger.warning(w)
+    return warnings
+
+
+def check_schedule(cfg: TrainConfig, total_batch: int, steps_per_epoch: int, *, log: bool = True) -> list[str]:
+    """Warnings, with the fix, about the schedule once the number of steps is known: warm-up
+    steps covering the run, an EMA that averages over far more steps than the run has."""
+    total = cfg.epochs * steps_per_epoch
+    warnings = []
+    if cfg.warmup_steps is not None and cfg.warmup_steps >= total:
+        warnings.append(
+            f"--warmup-steps {cfg.warmup_steps} covers the whole run of {total} steps: the learning rate never reaches "
+            f"its peak. Use --warmup-steps {max(total // 10, 1)} (a tenth of the run) or fewer"
+        )
+    if cfg.model_ema:
+        decay = cfg.ema_decay(total_batch)
+        horizon = 1 / max(1 - decay, 1e-12)  # steps the EMA averages over
+        if horizon > total:
+            suggested = 1 - 10 / max(total, 20)
+            warnings.append(
+                f"the EMA decay {decay:.6f} averages over ~{horizon:,.0f} steps but the run has {total}: the EMA weights "
+                f"stay close to the initial ones and its accuracy means nothing. For a short run use "
+                f"--model-ema-decay {suggested:.3f} --model-ema-decay-batch 0 (or --no-model-ema)"
+            )
+    if log:
+        for w in warnings:
+            _logger.warning(w)
+    return warnings

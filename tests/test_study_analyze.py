@@ -1,0 +1,158 @@
+"""`mlla analyze`: each analysis checked against numbers known by construction."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mlla.cli import main
+from mlla.layers.gated_attention import GatedLinearAttention
+from mlla.models import create_model
+from mlla.study.analyze import (
+    AnalysisNotApplicable,
+    analyze,
+    attention_normalization,
+    effective_receptive_field,
+    erf_area_ratio,
+    forget_gate_means,
+    input_gate_maps,
+    token_norm_spread,
+)
+
+TINY = dict(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), num_classes=3)
+
+
+def _gated_layers(model: nn.Module, attr: str) -> list[GatedLinearAttention]:
+    return [m for m in model.modules() if isinstance(m, GatedLinearAttention) and getattr(m, attr) is not None]
+
+
+def test_forget_gate_forced_to_one_reads_one() -> None:
+    model = create_model("ablation_forget_gate", **TINY)
+    layers = _gated_layers(model, "forget_delta")
+    assert len(layers) == 4
+    with torch.no_grad():
+        for m in layers:
+            m.A_log.fill_(-math.inf)  # A = -exp(A_log) = 0: the gate exp(Delta A) is exactly 1
+    means = forget_gate_means(model, torch.randn(2, 3, 32, 32))
+    assert list(means) == ["stages.0.0.attn", "stages.1.0.attn", "stages.2.0.attn", "stages.3.0.attn"]
+    assert all(v == 1.0 for v in means.values())
+
+
+def test_forget_gate_mean_matches_a_constant_delta() -> None:
+    model = create_model("ablation_forget_gate", **TINY)
+    layer = _gated_layers(model, "forget_delta")[0]
+    with torch.no_grad():
+        layer.forget_delta.up.weight.zero_()
+        layer.forget_delta.bias.fill_(0.3)  # Delta = softplus(0.3) everywhere
+        layer.A_log.copy_(torch.log(torch.arange(1.0, layer.A_log.numel() + 1)))
+    delta = torch.nn.functional.softplus(torch.tensor(0.3))
+    expected = torch.exp(-delta * torch.arange(1.0, layer.A_log.numel() + 1)).mean()
+    got = forget_gate_means(model, torch.randn(2, 3, 32, 32))["stages.0.0.attn"]
+    assert got == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_forget_gate_on_a_model_without_one_is_a_clear_error() -> None:
+    with pytest.raises(AnalysisNotApplicable, match="has no forget gate"):
+        forget_gate_means(create_model("ablation_baseline", **TINY), torch.randn(1, 3, 32, 32))
+
+
+def test_input_gate_map_has_the_grid_shape_and_matches_the_gate_module() -> None:
+    model = create_model("ablation_input_gate", **TINY).eval()
+    attn = model.stages[0][0].attn
+    seen = {}
+    handle = attn.register_forward_pre_hook(lambda mod, args: seen.setdefault("x", args[0].detach()))
+    image = torch.randn(3, 48, 40)
+    maps = input_gate_maps(model, image)
+    handle.remove()
+    first = maps["stages.0.0.attn"]
+    assert first.shape == (12, 10)  # the stage-1 token grid: 48/4 x 40/4
+    assert maps["stages.1.0.attn"].shape == (6, 5)
+    with torch.no_grad():
+        direct = attn.input_gate(seen["x"])[0].mean(dim=-1)
+    torch.testing.assert_close(first, direct)
+    assert bool((first > 0).all())  # softplus: a positive gate
+
+
+def test_token_norm_spread_by_hand() -> None:
+    class OneLayer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = GatedLinearAttention(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.attn(x.permute(0, 2, 3, 1))
+
+    model = OneLayer().eval()
+    x = torch.randn(2, 4, 3, 3)
+    stats = token_norm_spread(model, x)["attn"]
+    with torch.no_grad():
+        y = model(x)  # (2, 3, 3, 4)
+    norms = y.reshape(2, 9, 4).norm(dim=-1)
+    by_hand = [math.sqrt(sum((n - sum(row) / 9) ** 2 for n in row) / 9) for row in norms.tolist()]
+    assert stats["std"] == pytest.approx(sum(by_hand) / 2, rel=1e-5)
+    assert stats["mean"] == pytest.approx(float(norms.mean()), rel=1e-5)
+    with attention_normalization(model, False) as switched:
+        off = token_norm_spread(model, x)["attn"]
+    assert switched == 1 and model.attn.normalize  # restored afterwards
+    assert off["std"] != pytest.approx(stats["std"])
+
+
+def test_identity_model_receptive_field_is_one_pixel() -> None:
+    class Identity(nn.Module):
+        output_fmt = "NCHW"
+
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    erf = effective_receptive_field(Identity(), torch.randn(3, 3, 9, 9))
+    assert erf.shape == (9, 9)
+    assert erf[4, 4] == 3.0  # three input channels, each gradient 1
+    assert int((erf != 0).sum()) == 1
+    assert erf_area_ratio(erf, 0.99) == pytest.approx(1 / 81)
+
+
+def test_conv_receptive_field_is_its_kernel() -> None:
+    class Conv(nn.Module):
+        output_fmt = "NHWC"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 3, padding=1)
+
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x).permute(0, 2, 3, 1)
+
+    erf = effective_receptive_field(Conv(), torch.randn(2, 3, 11, 11))
+    support = (erf != 0).nonzero()
+    assert support.min(0).values.tolist() == [4, 4] and support.max(0).values.tolist() == [6, 6]
+
+
+def test_analyze_a_training_checkpoint_writes_pngs_and_numbers(tmp_path) -> None:
+    kwargs = {k: v for k, v in TINY.items() if k != "num_classes"}
+    model = create_model("ablation_forget_gate", num_classes=3, **kwargs)
+    ckpt = tmp_path / "last.pth"
+    torch.save(dict(model=model.state_dict(), config=dict(model="ablation_forget_gate", model_kwargs=kwargs, img_size=32),
+                    class_to_idx={"a": 0, "b": 1, "c": 2}), ckpt)
+    written = analyze(str(ckpt), None, tmp_path / "out", num_images=2)
+    assert set(written) == {"forget-gate", "token-norms", "erf"}  # no input gate in this model
+    for paths in written.values():
+        png = [p for p in paths if p.suffix == ".png"][0]
+        assert png.read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "out" / "forget_gate.json").read_text())
+    gen = torch.Generator().manual_seed(0)
+    expected = forget_gate_means(model, torch.randn(2, 3, 32, 32, generator=gen))
+    assert saved["means"] == pytest.approx(expected)
+    assert all(0.0 < v < 1.0 for v in saved["means"].values())
+    norms = json.loads((tmp_path / "out" / "token_norms.json").read_text())
+    assert len(norms["runs"]) == 2  # as trained, and the same weights without normalisation
+
+
+def test_cli_refuses_an_analysis_that_does_not_apply(tmp_path, capsys) -> None:
+    code = main(["analyze", "ablation_baseline", "--analyses", "forget-gate", "--img-size", "32",
+                 "--model-kwargs", "embed_dim=8", "depths=1,1,1,1", "num_heads=1,1,1,1", "--output", str(tmp_path)])
+    assert code == 2
+    assert "has no forget gate" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
