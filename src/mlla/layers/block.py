@@ -7,7 +7,7 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 
 from .attention import MllaLinearAttention
-from .conv import DepthwiseConv, DepthwiseConvNHWC
+from .conv import DepthwiseConv, DepthwiseConvNHWC, timm_factory_kwargs
 
 __all__ = ["INFERENCE_CHUNK_BYTES", "MllaBlock"]
 
@@ -60,7 +60,7 @@ class MllaBlock(nn.Module):
         self.out_proj = nn.Linear(dim, dim, **dd)
         self.cpe2 = DepthwiseConvNHWC(dim, residual=True, **dd)
         self.norm2 = norm_layer(dim, **dd)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, **dd)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, **timm_factory_kwargs(device, dtype))
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.fused_inference = False
 

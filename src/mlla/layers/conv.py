@@ -5,11 +5,20 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import register_notrace_function
+
+try:
+    from timm.layers import register_notrace_function
+except ImportError:  # timm < 1.0.10 (about): the helper lived in timm.models
+    from timm.models._features_fx import register_notrace_function
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["ChannelsLastConv2d", "ConvNorm", "DepthwiseConv", "DepthwiseConvNHWC", "channels_last_kernel", "fold_batchnorm", "pad_to_multiple"]
+__all__ = ["ChannelsLastConv2d", "ConvNorm", "DepthwiseConv", "DepthwiseConvNHWC", "channels_last_kernel", "fold_batchnorm", "pad_to_multiple", "timm_factory_kwargs"]
+
+
+def timm_factory_kwargs(device: torch.device | str | None, dtype: torch.dtype | None) -> dict:
+    """``device``/``dtype`` keywords for timm layers, only those given (older timm layers take none)."""
+    return {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
 
 
 @torch.fx.wrap

@@ -18,8 +18,7 @@ from typing import Any, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, register_notrace_function, trunc_normal_
-from timm.layers.helpers import get_device_dtype
+from timm.layers import ClassifierHead, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -27,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import unwrap_state_dict
 from ..layers import MllaBlock, MllaDownsample, MllaStem
+from ..layers.conv import register_notrace_function, timm_factory_kwargs
 from ..ops.rope import rope_2d_head_tables
 
 __all__ = ["MLLA", "MllaStage", "checkpoint_filter_fn"]
@@ -183,7 +183,8 @@ class MLLA(nn.Module):
         self.stage_norms = nn.ModuleList(norm_layer(d, **dd) for d in dims) if stage_norms else None
         self.norm = norm_layer(self.num_features, **dd)
         self.head = ClassifierHead(
-            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC", **dd
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC",
+            **timm_factory_kwargs(device, dtype),
         )
         self.apply(self._init_weights)
 
@@ -220,8 +221,9 @@ class MLLA(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
-        # On the model's device and in its dtype (the head has no parameters left after reset(0)).
-        self.head.reset(num_classes, pool_type=global_pool, **get_device_dtype(self))
+        self.head.reset(num_classes, pool_type=global_pool)
+        param = next(self.stem.parameters())  # the new classifier goes where the model is, in its dtype
+        self.head.to(device=param.device, dtype=param.dtype)
 
     def forward_intermediates(
         self,
