@@ -137,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                "--rootdir", work, "-c", str(Path(work) / "pytest.ini"), f"--junitxml={junit}", "-n", args.n,
                *args.pytest_args]
         print(f"timm {timm.__version__}: " + " ".join(cmd), flush=True)
-        rc = subprocess.run(cmd, cwd=work).returncode
+        env = dict(os.environ)
+        if args.n != "0":  # one intra-op thread per worker, as the project's own suite
+            env.setdefault("OMP_NUM_THREADS", "1")
+        rc = subprocess.run(cmd, cwd=work, env=env).returncode
         if not junit.is_file():
             print("pytest wrote no results", file=sys.stderr)
             return rc or 1
