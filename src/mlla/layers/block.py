@@ -22,6 +22,11 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
+def _tracing() -> bool:
+    """Under ``torch.compile``, ``torch.export`` (strict or not) or the TorchScript tracer: a context, not a tensor."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 class MllaBlock(nn.Module):
     """Mamba-like linear attention block on channels-last tokens ``(B, H, W, C)``.
 
@@ -36,7 +41,8 @@ class MllaBlock(nn.Module):
 
     ``forward`` calls every submodule, so hooks, adapters, quantisation and tracing see them all.
     ``fused_inference = True`` (set by ``MLLA.fuse()``) selects :meth:`forward_fused` instead, an
-    inference-only path in place and in token chunks; ``torch.compile`` keeps the plain path.
+    inference-only path in place and in token chunks; ``torch.compile``, ``torch.export`` and the
+    TorchScript tracer keep the plain path.
     """
 
     def __init__(
@@ -66,7 +72,7 @@ class MllaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``x: (B, H, W, C)``, ``rope``: RoPE tables (see ``MllaLinearAttention``) -> ``(B, H, W, C)``."""
-        if self.fused_inference and not torch.compiler.is_compiling():
+        if self.fused_inference and not _tracing():
             return self.forward_fused(x, rope)
         x = self.cpe1(x)
         y, gate = self.in_proj(self.norm1(x)).chunk(2, dim=-1)
