@@ -130,3 +130,30 @@ def test_fused_inference_is_explicit_and_refuses_what_it_cannot_do():
         assert model(x).shape == ref.shape
     with pytest.raises(RuntimeError, match="without autograd"):
         model.set_fused_inference(True)(x)
+
+
+def test_fx_feature_extraction_traces_and_matches():
+    """torchvision's create_feature_extractor (torch.fx) traces the model; odd sizes pad inside the traced graph."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = _model().eval()
+    extractor = create_feature_extractor(model, {"stages.1": "s1", "head": "logits"})
+    with torch.no_grad():
+        for size in ((64, 64), (45, 71)):
+            x = torch.randn(1, 3, *size)
+            out = extractor(x)
+            assert torch.allclose(out["logits"], model(x), atol=1e-6)
+            assert out["s1"].shape[1:3] == model.forward_intermediates(x, indices=[1], output_fmt="NHWC", intermediates_only=True)[0].shape[1:3]
+
+
+def test_timm_factory_keywords_device_and_dtype():
+    meta = timm.create_model("test_mlla", device="meta", dtype=torch.bfloat16)
+    assert all(t.is_meta and t.dtype == torch.bfloat16 for t in meta.parameters())
+    model = timm.create_model("test_mlla", num_classes=3, dtype=torch.float64).eval()
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+    model.reset_classifier(4)
+    assert model.head.fc.weight.dtype == torch.float64
+    with pytest.raises(TypeError):
+        timm.create_model("test_mlla", device="meta", not_a_model_arg=1)
