@@ -259,6 +259,9 @@ def _matmul_step(n: int, dtype: str, device: torch.device) -> Callable[[], None]
 
 def _prepare(variant: Variant, spec: BenchmarkSpec, size: tuple[int, int], batch: int, device: torch.device):
     model = build_model(variant.model, size, spec.task, fuse=spec.fuse and spec.mode == "infer")
+    target = unwrap_features_only(model)
+    if variant.dtype != "fp32" and hasattr(target, "set_fused_inference"):
+        target.set_fused_inference(False)  # the fused eager path refuses autocast: the plain path
     model = model.to(device).train(spec.mode == "train")
     x = torch.randn(batch, 3, *size, device=device)
     if variant.compiled:

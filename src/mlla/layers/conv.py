@@ -1,12 +1,43 @@
 """Convolution building blocks shared by the MLLA stem, downsampling and blocks."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
+
+try:
+    from timm.layers import register_notrace_function
+except ImportError:  # timm < 1.0.10 (about): the helper lived in timm.models
+    from timm.models._features_fx import register_notrace_function
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["ConvNorm", "DepthwiseConvNHWC", "channels_last_kernel", "fold_batchnorm"]
+__all__ = ["ChannelsLastConv2d", "ConvNorm", "DepthwiseConv", "DepthwiseConvNHWC", "channels_last_kernel", "fold_batchnorm", "pad_to_multiple", "timm_factory_kwargs"]
+
+
+def timm_factory_kwargs(device: torch.device | str | None, dtype: torch.dtype | None) -> dict:
+    """``device``/``dtype`` keywords for timm layers, only those given (older timm layers take none)."""
+    return {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+
+
+@torch.fx.wrap
+@register_notrace_function
+def pad_to_multiple(x: torch.Tensor, multiple: int, dims: Sequence[int]) -> torch.Tensor:
+    """Zero-pad ``x`` at the end of each of ``dims`` up to a multiple of ``multiple``.
+
+    Returns ``x`` itself where the sizes already are multiples, except under ``torch.export``
+    (symbolic sizes: it always pads, a no-op for such sizes). A leaf for ``torch.fx`` tracing (its
+    size test is Python control flow); modules that call it also ``torch.fx.wrap`` it by name.
+    """
+    pads = {d % x.ndim: -x.shape[d] % multiple for d in dims}
+    if not torch.compiler.is_exporting() and not any(pads.values()):
+        return x
+    last = min(pads)
+    pad: list[int] = []
+    for d in range(x.ndim - 1, last - 1, -1):  # F.pad lists the last dimension first
+        pad += [0, pads.get(d, 0)]
+    return F.pad(x, pad)
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -34,7 +65,11 @@ def channels_last_kernel(weight: torch.Tensor) -> torch.Tensor:
 
 
 class ConvNorm(nn.Sequential):
-    """``Conv2d -> BatchNorm2d -> activation`` on NCHW maps (``conv``, ``bn``, ``act``)."""
+    """``Conv2d -> BatchNorm2d -> activation`` on NCHW maps (``conv``, ``bn``, ``act``).
+
+    In training the BatchNorm gets a contiguous NCHW tensor: PyTorch's CPU train-mode BatchNorm
+    is 20-50x less accurate on channels-last tensors (its batch statistics and their gradients).
+    """
 
     def __init__(
         self,
@@ -45,11 +80,20 @@ class ConvNorm(nn.Sequential):
         *,
         act_layer: type[nn.Module] | None = nn.ReLU,
         bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
+        dd = dict(device=device, dtype=dtype)
         super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=kernel_size // 2, bias=bias)
-        self.bn = nn.BatchNorm2d(out_chs)
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding=kernel_size // 2, bias=bias, **dd)
+        self.bn = nn.BatchNorm2d(out_chs, **dd)
         self.act = act_layer(inplace=True) if act_layer is nn.ReLU else act_layer() if act_layer else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.training:
+            x = x.contiguous()
+        return self.act(self.bn(x))
 
     def fuse(self) -> None:
         """Fold ``bn`` into ``conv`` (inference); ``bn`` becomes an identity."""
@@ -58,17 +102,39 @@ class ConvNorm(nn.Sequential):
             self.bn = nn.Identity()
 
 
-class DepthwiseConvNHWC(nn.Conv2d):
-    """Depthwise ``k x k`` convolution (stride 1, 'same' padding) on channels-last tokens.
+class ChannelsLastConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with its kernel marked channels-last (see :func:`channels_last_kernel`).
 
-    Takes and returns ``(B, H, W, C)``. The permutes are views: the convolution runs on a
-    channels-last NCHW tensor, so no layout copy is made around it. With ``residual=True`` it
-    computes ``x + DWConv(x)`` as one convolution, the identity added to the kernel's centre
-    (the weights and state-dict keys are those of the plain convolution).
+    For inputs in channels-last memory: the output stays channels-last whatever the batch stride.
+    Same parameters and state-dict keys as ``nn.Conv2d``.
     """
 
-    def __init__(self, dim: int, kernel_size: int = 3, bias: bool = True, residual: bool = False) -> None:
-        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, channels_last_kernel(self.kernel()), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def kernel(self) -> torch.Tensor:
+        """The ``(O, I, kh, kw)`` kernel applied."""
+        return self.weight
+
+
+class DepthwiseConv(ChannelsLastConv2d):
+    """Depthwise ``k x k`` convolution (stride 1, 'same' padding) on ``(B, C, H, W)`` in
+    channels-last memory -> the same layout.
+
+    With ``residual=True`` it computes ``x + DWConv(x)`` as one convolution, the identity added
+    to the kernel's centre (the weights and state-dict keys are those of the plain convolution).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        kernel_size: int = 3,
+        bias: bool = True,
+        residual: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=bias, device=device, dtype=dtype)
         self.residual = residual
 
     def kernel(self) -> torch.Tensor:
@@ -78,12 +144,15 @@ class DepthwiseConvNHWC(nn.Conv2d):
         p = self.kernel_size[0] // 2
         return self.weight + F.pad(torch.ones_like(self.weight[:, :, :1, :1]), (p, p, p, p))
 
+
+class DepthwiseConvNHWC(DepthwiseConv):
+    """:class:`DepthwiseConv` on channels-last tokens: takes and returns ``(B, H, W, C)``.
+
+    The permutes are views: the convolution runs on a channels-last NCHW tensor, so no layout
+    copy is made around it.
+    """
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # A no-op for contiguous NHWC tokens; a strided view (a chunk of a wider projection) is
         # copied in its own layout, much faster than a channels-last copy of the permuted view.
-        return self.forward_nchw(x.contiguous().permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-
-    def forward_nchw(self, x: torch.Tensor) -> torch.Tensor:
-        """The convolution on ``(B, C, H, W)`` in channels-last memory -> the same layout."""
-        kernel = channels_last_kernel(self.kernel())
-        return F.conv2d(x, kernel, self.bias, padding=self.padding, groups=self.groups)
+        return super().forward(x.contiguous().permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

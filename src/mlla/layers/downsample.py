@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .conv import channels_last_kernel, fold_batchnorm
+from .conv import ChannelsLastConv2d, fold_batchnorm, pad_to_multiple
+
+torch.fx.wrap("pad_to_multiple")
 
 __all__ = ["MllaDownsample"]
 
@@ -20,29 +21,32 @@ class MllaDownsample(nn.Module):
     ``(B, H, W, dim) -> (B, ceil(H / 2), ceil(W / 2), out_dim)``.
     """
 
-    def __init__(self, dim: int, out_dim: int, expand_ratio: int = 8) -> None:
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        expand_ratio: int = 8,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        dd = dict(device=device, dtype=dtype)
         super().__init__()
         hidden = dim * expand_ratio
-        self.expand = nn.Conv2d(dim, hidden, 1)
-        self.dwconv = nn.Conv2d(hidden, hidden, 3, stride=2, padding=1, groups=hidden)
-        self.project = nn.Conv2d(hidden, out_dim, 1)
-        self.norm = nn.BatchNorm2d(out_dim)
+        self.expand = ChannelsLastConv2d(dim, hidden, 1, **dd)
+        self.dwconv = ChannelsLastConv2d(hidden, hidden, 3, stride=2, padding=1, groups=hidden, **dd)
+        self.project = ChannelsLastConv2d(hidden, out_dim, 1, **dd)
+        self.norm = nn.BatchNorm2d(out_dim, **dd)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad_h, pad_w = x.shape[1] % 2, x.shape[2] % 2
-        if torch.compiler.is_exporting() or pad_h or pad_w:  # symbolic sizes: always pad
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        x = pad_to_multiple(x, 2, dims=(1, 2))
         x = x.permute(0, 3, 1, 2)  # (B, dim, H, W), channels-last memory
-        x = self.act(self._conv(self.expand, x))
-        x = self.act(self._conv(self.dwconv, x))
-        x = self.norm(self._conv(self.project, x))
-        return x.permute(0, 2, 3, 1)
-
-    @staticmethod
-    def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-        """``conv(x)`` with its kernel marked channels-last (see ``channels_last_kernel``)."""
-        return F.conv2d(x, channels_last_kernel(conv.weight), conv.bias, conv.stride, conv.padding, groups=conv.groups)
+        x = self.act(self.expand(x))
+        x = self.act(self.dwconv(x))
+        x = self.project(x)
+        if self.training:  # train-mode BatchNorm is accurate on contiguous NCHW only (see ConvNorm)
+            x = x.contiguous()
+        return self.norm(x).permute(0, 2, 3, 1)
 
     def fuse(self) -> None:
         """Fold ``norm`` into ``project`` (inference); ``norm`` becomes an identity."""

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .conv import ConvNorm
+from .conv import ConvNorm, pad_to_multiple
+
+torch.fx.wrap("pad_to_multiple")
 
 __all__ = ["MllaStem"]
 
@@ -20,26 +21,32 @@ class MllaStem(nn.Module):
     ``(B, in_chans, H, W) -> (B, ceil(H / 4), ceil(W / 4), C)`` (channels-last tokens).
     """
 
-    def __init__(self, in_chans: int = 3, embed_dim: int = 64) -> None:
+    def __init__(
+        self,
+        in_chans: int = 3,
+        embed_dim: int = 64,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        dd = dict(device=device, dtype=dtype)
         super().__init__()
         hidden = embed_dim // 2
-        self.conv1 = ConvNorm(in_chans, hidden, 3, stride=2)
+        self.conv1 = ConvNorm(in_chans, hidden, 3, stride=2, **dd)
         self.res = nn.Sequential(
-            ConvNorm(hidden, hidden, 3),
-            ConvNorm(hidden, hidden, 3, act_layer=None),
+            ConvNorm(hidden, hidden, 3, **dd),
+            ConvNorm(hidden, hidden, 3, act_layer=None, **dd),
         )
-        self.conv2 = ConvNorm(hidden, embed_dim * 4, 3, stride=2)
-        self.proj = ConvNorm(embed_dim * 4, embed_dim, 1, act_layer=None)
+        self.conv2 = ConvNorm(hidden, embed_dim * 4, 3, stride=2, **dd)
+        self.proj = ConvNorm(embed_dim * 4, embed_dim, 1, act_layer=None, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pad_h, pad_w = -x.shape[-2] % 4, -x.shape[-1] % 4
-        if torch.compiler.is_exporting() or pad_h or pad_w:  # symbolic sizes: always pad
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = pad_to_multiple(x, 4, dims=(2, 3))
         # oneDNN's convolutions are about twice as fast channels-last, and the output permute
-        # below then gives contiguous (B, H, W, C) tokens without a copy.
-        x = x.contiguous(memory_format=torch.channels_last)
+        # below then gives contiguous (B, H, W, C) tokens without a copy. In training the stem
+        # stays NCHW: its train-mode BatchNorms are accurate only there (see ConvNorm).
+        x = x.contiguous(memory_format=torch.contiguous_format if self.training else torch.channels_last)
         x = self.conv1(x)
-        x = self.res(x).add_(x)
+        x = x + self.res(x)
         x = self.proj(self.conv2(x))
         return x.permute(0, 2, 3, 1)  # (B, H/4, W/4, C)
 

@@ -26,11 +26,40 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import load_checkpoint, unwrap_state_dict
 from ..layers import MllaBlock, MllaDownsample, MllaStem
+from ..layers.conv import register_notrace_function, timm_factory_kwargs
 from ..ops.rope import rope_2d_head_tables
 
 __all__ = ["MLLA", "MllaStage", "checkpoint_filter_fn"]
 
 _logger = logging.getLogger(__name__)
+
+
+@torch.fx.wrap
+@register_notrace_function
+def stage_rope_tables(x: torch.Tensor, dim: int, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables for the grid of the tokens ``x: (B, H, W, C)``, on its device, in its dtype (at
+    least float32). A leaf for ``torch.fx`` tracing: the grid size is read from ``x``'s shape."""
+    return rope_2d_head_tables(
+        x.shape[1], x.shape[2], dim, num_heads, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32)
+    )
+
+
+@torch.fx.wrap
+@register_notrace_function
+def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
+    """Raise a :class:`ValueError` that says what to do unless ``x`` is ``(B, in_chans, H, W)``.
+    A leaf for ``torch.fx`` tracing (checks on the shape are Python control flow)."""
+    if x.ndim != 4:
+        raise ValueError(
+            f"MLLA expects an image batch of shape (B, {in_chans}, H, W), got a "
+            f"{x.ndim}-d tensor of shape {tuple(x.shape)}; add a batch dimension with x[None]"
+        )
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"MLLA was built for {in_chans} input channels, got {x.shape[1]} "
+            f"(input shape {tuple(x.shape)}); pass in_chans={x.shape[1]} when creating the "
+            f"model, or give NCHW rather than NHWC input"
+        )
 
 
 class MllaStage(nn.Module):
@@ -51,21 +80,23 @@ class MllaStage(nn.Module):
         qkv_bias: bool = True,
         drop_path: Sequence[float] = (),
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
+        dd = dict(device=device, dtype=dtype)
         super().__init__()
         self.dim = dim
         self.num_heads = num_heads
         self.grad_checkpointing = False
-        self.downsample = MllaDownsample(in_dim, dim) if downsample else nn.Identity()
+        self.downsample = MllaDownsample(in_dim, dim, **dd) if downsample else nn.Identity()
         drop_path = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList(
-            MllaBlock(dim, num_heads, mlp_ratio, qkv_bias, drop_path[i], norm_layer) for i in range(depth)
+            MllaBlock(dim, num_heads, mlp_ratio, qkv_bias, drop_path[i], norm_layer, **dd) for i in range(depth)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        # RoPE tables, computed once for this grid and stage.
-        rope = rope_2d_head_tables(x.shape[1], x.shape[2], self.dim, self.num_heads, device=x.device)
+        rope = stage_rope_tables(x, self.dim, self.num_heads)  # once for this grid and stage
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = checkpoint(block, x, rope, use_reentrant=False)
@@ -96,6 +127,8 @@ class MLLA(nn.Module):
         norm_layer: type[nn.Module] = nn.LayerNorm,
         stage_norms: bool = False,
         img_size: Any = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """
         Args:
@@ -113,7 +146,10 @@ class MLLA(nn.Module):
             stage_norms: add a LayerNorm per stage output (``norm0..norm3`` of the authors'
                 backbone); applied in ``forward_intermediates``.
             img_size: accepted for timm compatibility and ignored: any input size works.
+            device, dtype: where and in which dtype parameters and buffers are created (timm's
+                factory keywords).
         """
+        dd = dict(device=device, dtype=dtype)
         super().__init__()
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length")
@@ -125,7 +161,7 @@ class MLLA(nn.Module):
         dims = [embed_dim * 2**i for i in range(len(depths))]
         self.num_features = self.head_hidden_size = dims[-1]
 
-        self.stem = MllaStem(in_chans, embed_dim)
+        self.stem = MllaStem(in_chans, embed_dim, **dd)
         dpr = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.stages = nn.Sequential()
         self.feature_info = []
@@ -139,14 +175,16 @@ class MLLA(nn.Module):
                     qkv_bias=qkv_bias,
                     drop_path=dpr[block_idx:block_idx + depth],
                     norm_layer=norm_layer,
+                    **dd,
                 )
             )
             self.feature_info.append(dict(num_chs=dim, reduction=4 * 2**i, module=f"stages.{i}"))
             prev_dim, block_idx = dim, block_idx + depth
-        self.stage_norms = nn.ModuleList(norm_layer(d) for d in dims) if stage_norms else None
-        self.norm = norm_layer(self.num_features)
+        self.stage_norms = nn.ModuleList(norm_layer(d, **dd) for d in dims) if stage_norms else None
+        self.norm = norm_layer(self.num_features, **dd)
         self.head = ClassifierHead(
-            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC"
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt="NHWC",
+            **timm_factory_kwargs(device, dtype),
         )
         self.apply(self._init_weights)
 
@@ -184,25 +222,14 @@ class MLLA(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
+        param = next(self.stem.parameters())  # the new classifier goes where the model is, in its dtype
+        self.head.to(device=param.device, dtype=param.dtype)
 
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str) -> None:
         """timm's ``custom_load`` hook for ``pretrained=True``: :func:`mlla.load_checkpoint`
         (safe reader, one weight-selection rule), keeping the classifier for another class count."""
         load_checkpoint(self, checkpoint_path, allow_head_mismatch=True)
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(
-                f"MLLA expects an image batch of shape (B, {self.in_chans}, H, W), got a "
-                f"{x.ndim}-d tensor of shape {tuple(x.shape)}; add a batch dimension with x[None]"
-            )
-        if x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"MLLA was built for {self.in_chans} input channels, got {x.shape[1]} "
-                f"(input shape {tuple(x.shape)}); pass in_chans={x.shape[1]} when creating the "
-                f"model, or give NCHW rather than NHWC input"
-            )
 
     def forward_intermediates(
         self,
@@ -226,7 +253,7 @@ class MLLA(nn.Module):
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        self._check_input(x)
+        check_image_batch(x, self.in_chans)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
         stages = self.stages[:max_index + 1] if stop_early else self.stages
@@ -263,7 +290,7 @@ class MLLA(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, in_chans, H, W) -> (B, ceil(H / 32), ceil(W / 32), num_features)``, normalised."""
-        self._check_input(x)
+        check_image_batch(x, self.in_chans)
         x = self.stem(x)
         x = self.stages(x)
         return self.norm(x)
@@ -276,18 +303,30 @@ class MLLA(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     @torch.no_grad()
-    def fuse(self) -> MLLA:
-        """Fold the BatchNorms of the stem and downsampling layers into their convolutions.
+    def fuse(self, fused_inference: bool = True) -> MLLA:
+        """Prepare for inference: fold the BatchNorms of the stem and downsampling layers into
+        their convolutions, and (``fused_inference``) switch the blocks to their fused eager
+        inference path (``MllaBlock.forward_fused``: in place, in token chunks).
 
-        For inference only (puts the model in eval mode): outputs are unchanged up to float
-        rounding; the folded ``bn``/``norm`` modules become identities and leave the state dict.
-        Returns the model.
+        Puts the model in eval mode; outputs are unchanged up to float rounding; the folded
+        ``bn``/``norm`` modules become identities and leave the state dict. The fused blocks
+        refuse autograd, autocast, hooks on and replacements of the modules they read
+        (``set_fused_inference(False)`` turns them back); ``torch.compile`` and ``torch.export``
+        trace the plain path. Returns the model.
         """
         self.eval()
         self.stem.fuse()
         for stage in self.stages:
             if isinstance(stage.downsample, MllaDownsample):
                 stage.downsample.fuse()
+        self.set_fused_inference(fused_inference)
+        return self
+
+    def set_fused_inference(self, enable: bool = True) -> MLLA:
+        """Select the blocks' fused eager inference path (``True``) or the plain one; returns the model."""
+        for module in self.modules():
+            if isinstance(module, MllaBlock):
+                module.fused_inference = enable
         return self
 
 

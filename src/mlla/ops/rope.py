@@ -5,8 +5,10 @@ For an ``H x W`` grid and ``C`` channels, ``m = C / 4`` frequencies
 ``[r * theta_0 .. r * theta_{m-1}, c * theta_0 .. c * theta_{m-1}]``, and angle ``p`` rotates
 the channel pair ``(2p, 2p + 1)``: ``(a, b) -> (a cos - b sin, a sin + b cos)``.
 
-The tables are computed in float32 for the actual grid (any ``H``, ``W``), without complex
-numbers, so the rotation exports to ONNX and compiles without graph breaks.
+The tables are computed for the actual grid (any ``H``, ``W``), in float32 by default or in the
+dtype asked for (a float64 model gets float64 tables: angles from float32 frequencies would cost
+it about 1e-10), without complex numbers, so the rotation exports to ONNX and compiles without
+graph breaks.
 """
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ import torch
 __all__ = ["apply_rope_2d", "rope_2d_head_tables", "rope_2d_tables"]
 
 
-def _frequencies(num_freqs: int, base: float, device: torch.device | str | None) -> torch.Tensor:
-    """``theta_j = base ** (-j / m)`` for ``j < m = num_freqs``, float32."""
-    return base ** (-torch.arange(num_freqs, device=device, dtype=torch.float32) / num_freqs)
+def _frequencies(num_freqs: int, base: float, device: torch.device | str | None, dtype: torch.dtype) -> torch.Tensor:
+    """``theta_j = base ** (-j / m)`` for ``j < m = num_freqs``, in ``dtype``."""
+    return base ** (-torch.arange(num_freqs, device=device, dtype=dtype) / num_freqs)
 
 
 def rope_2d_tables(
@@ -28,6 +30,7 @@ def rope_2d_tables(
     base: float = 10000.0,
     repeats: int = 1,
     device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine and signed-sine tables for :func:`apply_rope_2d`.
 
@@ -37,19 +40,19 @@ def rope_2d_tables(
         base: frequency base.
         repeats: tile the tables ``repeats`` times along channels, to rotate several tensors
             concatenated on the channel axis (e.g. ``[q, k]``) in one call.
-        device: device of the tables.
+        device, dtype: device and dtype of the tables (computed in that dtype).
 
     Returns:
-        ``(cos, sin)``, each float32 of shape ``(H, W, repeats * C)``. ``cos`` holds each cosine
+        ``(cos, sin)``, each of shape ``(H, W, repeats * C)``. ``cos`` holds each cosine
         twice (for both members of a pair); ``sin`` holds ``-sin`` at even and ``+sin`` at odd
         channels, so that the rotation is ``x * cos + swap_pairs(x) * sin``.
     """
     if dim % 4:
         raise ValueError(f"RoPE-2d needs a channel count divisible by 4, got {dim}")
     num_freqs = dim // 4
-    theta = _frequencies(num_freqs, base, device)
-    rows = torch.arange(height, device=device, dtype=torch.float32)
-    cols = torch.arange(width, device=device, dtype=torch.float32)
+    theta = _frequencies(num_freqs, base, device, dtype)
+    rows = torch.arange(height, device=device, dtype=dtype)
+    cols = torch.arange(width, device=device, dtype=dtype)
     row_angles = (rows[:, None] * theta[None, :])[:, None, :].expand(height, width, num_freqs)
     col_angles = (cols[:, None] * theta[None, :])[None, :, :].expand(height, width, num_freqs)
     angles = torch.cat([row_angles, col_angles], dim=-1)  # (H, W, C/2)
@@ -68,10 +71,11 @@ def rope_2d_head_tables(
     *,
     base: float = 10000.0,
     device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The angles of :func:`rope_2d_tables`, one per channel pair, laid out head-major.
 
-    Returns ``(cos, sin)``, each float32 of shape ``(num_heads, H * W, C / num_heads / 2)``:
+    Returns ``(cos, sin)``, each in ``dtype`` (computed in it) of shape ``(num_heads, H * W, C / num_heads / 2)``:
     entry ``[i, n, p]`` is the cosine / sine of token ``n``'s angle for pair ``p`` of head ``i``
     (channels ``(2p, 2p + 1)`` of the head). Cosines and sines are taken of the ``H + W``
     distinct rows and columns only, then spread over the grid in one pass.
@@ -84,21 +88,22 @@ def rope_2d_head_tables(
     if dim % 4 or dim % num_heads or (dim // num_heads) % 2:
         raise ValueError(f"RoPE-2d by heads needs C divisible by 4 and into {num_heads} heads of even size, got C={dim}")
     if _rope_tables_op is not None and torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-        return _rope_tables_op(height, width, dim, num_heads, float(base), torch.device(device or "cpu"))
-    return _head_tables(height, width, dim, num_heads, base, device)
+        return _rope_tables_op(height, width, dim, num_heads, float(base), torch.device(device or "cpu"), dtype)
+    return _head_tables(height, width, dim, num_heads, base, device, dtype)
 
 
 def _head_tables(
-    height: int, width: int, dim: int, num_heads: int, base: float, device: torch.device | str | None
+    height: int, width: int, dim: int, num_heads: int, base: float, device: torch.device | str | None,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     num_freqs, pairs_per_head = dim // 4, dim // num_heads // 2
-    theta = _frequencies(num_freqs, base, device)
+    theta = _frequencies(num_freqs, base, device, dtype)
     # Pair q of the C / 2 uses the row for q < C / 4 and the column otherwise, frequency q mod C / 4.
     pair = torch.arange(dim // 2, device=device).view(num_heads, 1, 1, pairs_per_head)
     uses_row = pair < num_freqs
     theta = theta[pair % num_freqs]  # (h, 1, 1, d/2)
-    row_angles = torch.arange(height, device=device, dtype=torch.float32).view(1, -1, 1, 1) * theta  # (h, H, 1, d/2)
-    col_angles = torch.arange(width, device=device, dtype=torch.float32).view(1, 1, -1, 1) * theta  # (h, 1, W, d/2)
+    row_angles = torch.arange(height, device=device, dtype=dtype).view(1, -1, 1, 1) * theta  # (h, H, 1, d/2)
+    col_angles = torch.arange(width, device=device, dtype=dtype).view(1, 1, -1, 1) * theta  # (h, 1, W, d/2)
 
     def spread(fn) -> torch.Tensor:  # (h, H, W, d/2) -> (h, N, d/2)
         return torch.where(uses_row, fn(row_angles), fn(col_angles)).flatten(1, 2)
@@ -111,26 +116,26 @@ if hasattr(torch.library, "custom_op"):  # torch >= 2.4
 
     @torch.library.custom_op("mlla::rope_2d_head_tables", mutates_args=())
     def _rope_tables_op(
-        height: int, width: int, dim: int, num_heads: int, base: float, device: torch.device
+        height: int, width: int, dim: int, num_heads: int, base: float, device: torch.device, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _head_tables(height, width, dim, num_heads, base, device)
+        return _head_tables(height, width, dim, num_heads, base, device, dtype)
 
     @_rope_tables_op.register_fake
-    def _(height: int, width: int, dim: int, num_heads: int, base: float, device: torch.device):
+    def _(height: int, width: int, dim: int, num_heads: int, base: float, device: torch.device, dtype: torch.dtype):
         shape = (num_heads, height * width, dim // num_heads // 2)
-        return torch.empty(shape, device=device), torch.empty(shape, device=device)
+        return torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype)
 
 
 def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs of ``x`` by the angles of its grid position.
 
     Args:
-        x: ``(B, H, W, C)`` (any dtype; the rotation runs in float32).
+        x: ``(B, H, W, C)`` (any dtype; the rotation runs in the tables' dtype, at least float32).
         cos, sin: tables of shape ``(H, W, C)`` from :func:`rope_2d_tables`.
 
     Returns:
         Rotated tensor, shape and dtype of ``x``.
     """
-    xf = x.float()
+    xf = x.to(torch.promote_types(cos.dtype, torch.float32))
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (a, b) -> (b, a)
     return (xf * cos + swapped * sin).to(x.dtype)
