@@ -289,3 +289,92 @@ def test_unusable_coco_files_give_clear_errors(tmp_path):
     ann = write_coco(tmp_path / "d", [img(1, draw=False)], [dict(image_id=1, category_id=1, bbox=[1, 1, 5, 5])])
     with pytest.raises(ValueError, match="none of the images"):
         CocoDetection(ann, tmp_path / "d" / "train")
+
+
+# ------------------------------------------------------------------ the task in the one trainer
+TINY_RUN = dict(
+    task="detection", model="test_mlla", epochs=2, batch_size=2, det_min_sizes=(64,), det_max_size=64,
+    model_kwargs=dict(SMALL, rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=50,
+                      rpn_post_nms_top_n_test=20, box_batch_size_per_image=32, rpn_batch_size_per_image=32),
+    lr=1e-3, warmup_steps=1, sched="step", decay_milestones=(1,), amp=False, model_ema=False, workers=0, progress=False,
+)
+
+
+@pytest.fixture(scope="module")
+def det_data(tmp_path_factory):
+    from mlla.dense import make_det_demo_dataset
+
+    return make_det_demo_dataset(tmp_path_factory.mktemp("det") / "data", train_images=8, val_images=4, img_size=64, progress=False)
+
+
+def tiny_config(data: Path, output: Path, **kw):
+    from mlla.engine.config import resolve_config
+
+    return resolve_config(None, None, dict(TINY_RUN, data_dir=str(data), output=str(output), **kw))
+
+
+def test_detection_trains_in_the_one_engine_with_ap_metrics_and_checkpoints(det_data, tmp_path):
+    from mlla.engine.trainer import fit
+
+    summary = fit(tiny_config(det_data, tmp_path / "run"))
+    assert summary["status"] == "finished" and summary["epoch"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for key in ("train_loss_mask", "train_loss_objectness", "val_bbox_AP", "val_segm_AP", "val_bbox_APl", "val_skipped"):
+        assert key in rows[-1], key
+    assert 0 <= rows[-1]["val_bbox_AP"] <= 100
+    for name in ("last.pth", "best.pth", "metrics.png", "metrics.csv", "config.yaml"):
+        assert (tmp_path / "run" / name).is_file(), name
+    ckpt = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert [c["id"] for c in ckpt["categories"]] == [1, 3, 7]
+
+
+_KILL_SCRIPT = """
+import os, signal, sys
+from mlla.engine.config import resolve_config
+from mlla.engine.trainer import fit
+cfg = resolve_config(None, None, {config})
+fit(cfg, on_step=lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == 3 else None)
+"""
+
+
+@pytest.mark.slow  # about 20-45 s: a second Python process trains, is killed, then this one resumes
+def test_detection_run_resumes_after_kill_9(det_data, tmp_path):
+    from mlla.engine.trainer import fit
+
+    cfg = tiny_config(det_data, tmp_path / "run", save_every_steps=1)
+    env = dict(os.environ, PYTHONPATH=str(Path(mlla.__file__).parents[1]), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT.format(config=repr(cfg.to_dict()))], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    killed = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert killed["global_step"] == 2  # saved after step 2; killed during step 3's bookkeeping
+    cfg.resume = "auto"
+    summary = fit(cfg)
+    assert summary["status"] == "finished" and summary["epoch"] == 2
+    final = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert final["global_step"] == 8  # 4 steps per epoch: continued, not restarted
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+
+
+def test_det_cli_eval_prints_the_ap_table_and_predict_draws_pictures(det_data, tmp_path, capsys):
+    from mlla.cli import main
+    from mlla.engine.trainer import fit
+
+    fit(tiny_config(det_data, tmp_path / "run", epochs=1))
+    assert main(["det", "eval", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--data-dir", str(det_data), "-j", "0", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"bbox_AP", "segm_AP", "bbox_AP50", "segm_APl", "images"} <= set(metrics) and metrics["images"] == 4
+    assert main(["det", "eval", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--data-dir", str(det_data), "-j", "0"]) == 0
+    assert "| box |" in capsys.readouterr().out
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for name in ("00000.png", "00001.png"):
+        (folder / name).write_bytes((det_data / "val" / name).read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    assert main(["det", "predict", str(folder), "--checkpoint", str(tmp_path / "run" / "last.pth"), "--score-threshold", "0"]) == 0
+    out = Image.open(folder / "00000.png.det.png")
+    assert out.size == (64, 64)
+    assert main(["det", "eval", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--data-dir", str(tmp_path)]) == 2
+    assert "expected" in capsys.readouterr().err
