@@ -378,3 +378,16 @@ def test_det_cli_eval_prints_the_ap_table_and_predict_draws_pictures(det_data, t
     assert out.size == (64, 64)
     assert main(["det", "eval", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--data-dir", str(tmp_path)]) == 2
     assert "expected" in capsys.readouterr().err
+
+
+def test_detector_flops_are_counted_as_the_paper_counts_them():
+    from mlla.dense.detection_stats import mask_rcnn_gmacs
+
+    with torch.device("meta"):
+        parts = mask_rcnn_gmacs(mask_rcnn("test_mlla", 80).eval())
+    # Box head on 1000 RoIs: fc 256*7*7 -> 1024 -> 1024, class scores (81) and boxes (81 * 4).
+    assert parts["box_head"] == pytest.approx(1000 * 1024 * (256 * 49 + 1024 + 81 + 324) / 1e9)
+    # Mask head on 100 RoIs: four 3x3 convs at 14x14, a 2x2 stride-2 deconvolution, 1x1 logits at 28x28.
+    mask = 100 * (4 * 14 * 14 * 256 * 256 * 9 + 28 * 28 * 256 * 256 + 28 * 28 * 256 * 81)
+    assert parts["mask_head"] == pytest.approx(mask / 1e9)
+    assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"))

@@ -20,9 +20,25 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _detection_rows(pattern: str) -> list[dict]:
+    """Mask R-CNN at 1280x800 on MLLA-T/S/B (named ``mask_rcnn_<backbone>``) matching ``pattern``."""
+    from fnmatch import fnmatch
+
+    from ..dense.detection_stats import DETECTION_PAPER_RESULTS, detection_model_stats
+
+    rows = []
+    for backbone, paper in DETECTION_PAPER_RESULTS.items():
+        if not pattern or fnmatch(f"mask_rcnn_{backbone}", pattern):
+            stats = detection_model_stats(backbone)
+            stats.pop("gmacs_by_part")
+            rows.append(dict(stats, **{f"paper_{k}": v for k, v in paper.items()}))
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     names = list_models(args.pattern)
-    if not names:
+    detection = _detection_rows(args.pattern)
+    if not names and not detection:
         raise ValueError(f"no model matches {args.pattern!r}; run `mlla models` for the full list")
     rows = []
     for name in names:
@@ -30,9 +46,28 @@ def run(args: argparse.Namespace) -> int:
         paper = PAPER_RESULTS.get(name, {})
         rows.append(dict(model=name, **stats, **{f"paper_{k}": v for k, v in paper.items()}))
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(rows + detection, indent=1))
         return 0
-    header = f"{'model':<34}{'params (M)':>11}{'GMACs@' + str(args.img_size):>11}   {'paper: params':>13}{'GMACs':>7}{'top-1':>7}"
+    if rows:
+        _print_table(rows, args.img_size)
+    if detection:
+        _print_detection_table(detection)
+    return 0
+
+
+def _print_detection_table(rows: list[dict]) -> None:
+    header = f"{'detector (COCO, 80 classes)':<34}{'params (M)':>11}{'GMACs':>11}   {'paper: params':>13}{'GFLOPs':>7}{'box AP':>7}{'mask AP':>8}"
+    print("\n" + header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['model']:<34}{r['params_m']:>11.2f}{r['gmacs']:>11.1f}   {r['paper_params_m']:>12.0f}M{r['paper_gflops']:>7.0f}"
+              f"{r['paper_box_ap']:>7.1f}{r['paper_mask_ap']:>8.1f}")
+    print("\nMask R-CNN (torchvision parts, FPN 256) at 1280x800, counted as mmdetection does for the paper: backbone,\n"
+          "FPN and RPN head on the image, box head on 1000 RoIs, mask head on 100 (mlla.dense.detection_stats).")
+
+
+def _print_table(rows: list[dict], img_size: int) -> None:
+    header = f"{'model':<34}{'params (M)':>11}{'GMACs@' + str(img_size):>11}   {'paper: params':>13}{'GMACs':>7}{'top-1':>7}"
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -41,4 +76,3 @@ def run(args: argparse.Namespace) -> int:
             f"{_fmt(r.get('paper_params_m'), '.0f') + ('M' if r.get('paper_params_m') else ''):>13}{_fmt(r.get('paper_gmacs'), '.1f'):>7}{_fmt(r.get('paper_top1'), '.1f'):>7}"
         )
     print("\nparams and GMACs measured here (torch.utils.flop_counter FLOPs / 2); paper columns as published.")
-    return 0
