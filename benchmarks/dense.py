@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for text in args.sizes:
         size = parse_size(text)
-        entries = [(p, b) for p in args.parts for b in args.backbones if not (p != "backbone" and size[0] * size[1] > args.max_model_pixels)]
+        model_sizes = [parse_size(t) for t in (args.model_sizes or args.sizes)]
+        entries = [(p, b) for p in args.parts for b in args.backbones if p == "backbone" or size in model_sizes]
         calls = {}
         for part, backbone in tqdm(entries, desc=f"warm-up {size[0]}x{size[1]}", leave=False):
             calls[part, backbone] = _prepare(part, backbone, size, device)
@@ -243,8 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backbones", nargs="+", default=[MLLA, SWIN, CONVNEXT])
     p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
     p.add_argument("--sizes", nargs="+", default=["512", "1024", "800x1333", "1536", "2048"], help="HxW or N")
-    p.add_argument("--max-model-pixels", type=int, default=2048 * 2048,
-                   help="run parts other than 'backbone' only up to this many pixels")
+    p.add_argument("--model-sizes", nargs="+", help="sizes at which parts other than 'backbone' run (default: --sizes)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
