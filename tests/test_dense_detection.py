@@ -391,3 +391,12 @@ def test_detector_flops_are_counted_as_the_paper_counts_them():
     mask = 100 * (4 * 14 * 14 * 256 * 256 * 9 + 28 * 28 * 256 * 256 + 28 * 28 * 256 * 81)
     assert parts["mask_head"] == pytest.approx(mask / 1e9)
     assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"))
+
+
+def test_mlla_models_lists_mask_rcnn_beside_the_papers_figures(capsys):
+    from mlla.cli import main
+
+    assert main(["models", "mask_rcnn_mlla_tiny", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["model"] == "mask_rcnn_mlla_tiny" and row["paper_params_m"] == 44.0 and row["paper_gflops"] == 255.0
+    assert row["params_m"] == pytest.approx(44.0, rel=0.01) and row["gmacs"] == pytest.approx(255.0, rel=0.01)
