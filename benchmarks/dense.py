@@ -7,7 +7,8 @@ medians), written to CSV/Markdown and plotted:
 
 Each *part* is a model built around a backbone: ``backbone`` (timm ``features_only``, strides
 4-32) and ``mask_rcnn`` (the whole detector of :func:`mlla.dense.mask_rcnn`, eval mode, batch 1,
-input not resized: ``min_size``/``max_size`` set to the image's sides; 100 detections kept at a
+input not resized: ``min_size``/``max_size`` set to the image's sides, so the backbone sees the
+image padded to a multiple of 32, as ``backbone`` is given it; 100 detections kept at a
 score threshold of 0 so that every backbone does the same work after the RPN). More parts (e.g.
 segmentation heads) are one entry in :data:`PARTS`. For each image size every (part, backbone)
 is warmed up, then timed in rounds ``A B C ...``; medians over the rounds. Peak memory: the
@@ -54,8 +55,10 @@ def _mask_rcnn(name: str, size: tuple[int, int]) -> nn.Module:
                      box_score_thresh=0.0, box_detections_per_img=100)
 
 
-def _batch_input(x: torch.Tensor) -> torch.Tensor:
-    return x
+def _padded_batch(x: torch.Tensor) -> torch.Tensor:
+    """Zero-padded right/bottom to a multiple of 32, as the detector's transform pads its batch."""
+    h, w = x.shape[-2:]
+    return torch.nn.functional.pad(x, (0, -w % 32, 0, -h % 32))
 
 
 def _list_input(x: torch.Tensor) -> list[torch.Tensor]:
@@ -64,7 +67,7 @@ def _list_input(x: torch.Tensor) -> list[torch.Tensor]:
 
 #: part name -> (builder(backbone name, (H, W)) -> model, input adapter from a (B, 3, H, W) batch).
 PARTS: dict[str, tuple[Callable[[str, tuple[int, int]], nn.Module], Callable[[torch.Tensor], Any]]] = {
-    "backbone": (_backbone, _batch_input),
+    "backbone": (_backbone, _padded_batch),
     "mask_rcnn": (_mask_rcnn, _list_input),
 }
 
@@ -160,6 +163,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             ))
             print(f"{part:>10} {backbone:<30} {size[0]}x{size[1]}: {rows[-1]['ms_median']:.0f} ms"
                   + (f", {mem:.0f} MiB" if mem is not None else ""), flush=True)
+        write(rows, Path(args.output_dir), quiet=True)  # partial results survive an interrupted run
     return rows
 
 
@@ -223,7 +227,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return atomic_save(lambda tmp: Path(tmp).write_bytes(buf.getvalue()), path)
 
 
-def write(rows: list[dict[str, Any]], out: Path) -> None:
+def write(rows: list[dict[str, Any]], out: Path, quiet: bool = False) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -236,7 +240,8 @@ def write(rows: list[dict[str, Any]], out: Path) -> None:
     text = "\n".join(table) + "\n\n" + summary(rows) + "\n"
     atomic_save(lambda tmp: Path(tmp).write_text(text), out / "summary.md")
     plot(rows, out / "dense.png")
-    print(text)
+    if not quiet:
+        print(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
