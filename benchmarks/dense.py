@@ -180,17 +180,17 @@ def summary(rows: list[dict[str, Any]]) -> str:
     mlla_det, swin_det = get("mask_rcnn", MLLA, 800, 1333), get("mask_rcnn", SWIN, 800, 1333)
     if mlla_det and swin_det:
         ratio = swin_det["ms_median"] / mlla_det["ms_median"]
-        lines.append(f"Mask R-CNN 1333x800: MLLA-T speed over Swin-T (>= 1 is as fast or faster) | {ratio:.2f}x "
-                     f"({mlla_det['ms_median']:.0f} vs {swin_det['ms_median']:.0f} ms)")
+        lines.append(f"| Mask R-CNN 1333x800: MLLA-T speed over Swin-T (>= 1 is as fast or faster) | {ratio:.2f}x "
+                     f"({mlla_det['ms_median']:.0f} vs {swin_det['ms_median']:.0f} ms) |")
         if mlla_det["peak_mem_mib"] is not None and swin_det["peak_mem_mib"] is not None:
-            lines.append(f"Mask R-CNN 1333x800: peak memory MLLA-T / Swin-T (< 1 is less) | "
-                         f"{mlla_det['peak_mem_mib'] / swin_det['peak_mem_mib']:.2f} "
-                         f"({mlla_det['peak_mem_mib']:.0f} vs {swin_det['peak_mem_mib']:.0f} MiB)")
+            lines.append(f"| Mask R-CNN 1333x800: peak memory MLLA-T / Swin-T (< 1 is less) | "
+                         f"{mlla_det['peak_mem_mib'] / swin_det['peak_mem_mib']:.3f} "
+                         f"({mlla_det['peak_mem_mib']:.0f} vs {swin_det['peak_mem_mib']:.0f} MiB) |")
     for backbone in (MLLA, SWIN, CONVNEXT):
         small, large = get("backbone", backbone, 1024, 1024), get("backbone", backbone, 2048, 2048)
         if small and large:
-            lines.append(f"backbone {backbone}: time at 2048^2 over 1024^2 (pixels x4; target <= 4.2 for MLLA-T) | "
-                         f"{large['ms_median'] / small['ms_median']:.2f}")
+            lines.append(f"| backbone {backbone}: time at 2048^2 over 1024^2 (pixels x4; target <= 4.2 for MLLA-T) | "
+                         f"{large['ms_median'] / small['ms_median']:.2f} |")
     return "\n".join(lines)
 
 
