@@ -20,9 +20,40 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _detection_rows(pattern: str) -> list[dict]:
+    """Mask R-CNN at 1280x800 on MLLA-T/S/B (named ``mask_rcnn_<backbone>``) matching ``pattern``."""
+    from fnmatch import fnmatch
+
+    from ..dense.detection_stats import DETECTION_PAPER_RESULTS, detection_model_stats
+
+    rows = []
+    for backbone, paper in DETECTION_PAPER_RESULTS.items():
+        if not pattern or fnmatch(f"mask_rcnn_{backbone}", pattern):
+            stats = detection_model_stats(backbone)
+            stats.pop("gmacs_by_part")
+            rows.append(dict(stats, **{f"paper_{k}": v for k, v in paper.items()}))
+    return rows
+
+
+def _segmentation_rows(pattern: str) -> list[dict]:
+    """UperNet (ADE20K, 150 classes) at 512x2048 on MLLA-T/S/B (named ``upernet_<backbone>``) matching ``pattern``."""
+    from fnmatch import fnmatch
+
+    from ..dense.segmentation import PAPER_UPERNET, upernet_stats
+
+    rows = []
+    for backbone in ("mlla_tiny", "mlla_small", "mlla_base"):
+        if not pattern or fnmatch(f"upernet_{backbone}", pattern):
+            paper = PAPER_UPERNET.get(backbone, {})
+            rows.append(dict(model=f"upernet_{backbone}", **upernet_stats(backbone), **{f"paper_{k}": v for k, v in paper.items()}))
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     names = list_models(args.pattern)
-    if not names:
+    detection = _detection_rows(args.pattern)
+    segmentation = _segmentation_rows(args.pattern)
+    if not names and not detection and not segmentation:
         raise ValueError(f"no model matches {args.pattern!r}; run `mlla models` for the full list")
     rows = []
     for name in names:
@@ -30,9 +61,41 @@ def run(args: argparse.Namespace) -> int:
         paper = PAPER_RESULTS.get(name, {})
         rows.append(dict(model=name, **stats, **{f"paper_{k}": v for k, v in paper.items()}))
     if args.json:
-        print(json.dumps(rows, indent=1))
+        print(json.dumps(rows + detection + segmentation, indent=1))
         return 0
-    header = f"{'model':<34}{'params (M)':>11}{'GMACs@' + str(args.img_size):>11}   {'paper: params':>13}{'GMACs':>7}{'top-1':>7}"
+    if rows:
+        _print_table(rows, args.img_size)
+    if detection:
+        _print_detection_table(detection)
+    if segmentation:
+        _print_segmentation_table(segmentation)
+    return 0
+
+
+def _print_detection_table(rows: list[dict]) -> None:
+    header = f"{'detector (COCO, 80 classes)':<34}{'params (M)':>11}{'GMACs':>11}   {'paper: params':>13}{'GFLOPs':>7}{'box AP':>7}{'mask AP':>8}"
+    print("\n" + header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['model']:<34}{r['params_m']:>11.2f}{r['gmacs']:>11.1f}   {r['paper_params_m']:>12.0f}M{r['paper_gflops']:>7.0f}"
+              f"{r['paper_box_ap']:>7.1f}{r['paper_mask_ap']:>8.1f}")
+    print("\nMask R-CNN (torchvision parts, FPN 256) at 1280x800, counted as mmdetection does for the paper: backbone,\n"
+          "FPN and RPN head on the image, box head on 1000 RoIs, mask head on 100 (mlla.dense.detection_stats).")
+
+
+def _print_segmentation_table(rows: list[dict]) -> None:
+    header = f"{'segmenter (ADE20K, 150 classes)':<34}{'params (M)':>11}{'GMACs':>11}   {'paper: params':>13}{'GFLOPs':>7}{'mIoU':>7}"
+    print("\n" + header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['model']:<34}{r['params_m']:>11.2f}{r['gmacs']:>11.1f}   "
+              f"{_fmt(r.get('paper_params_m'), '.0f') + ('M' if r.get('paper_params_m') else ''):>13}"
+              f"{_fmt(r.get('paper_gmacs'), '.0f'):>7}{_fmt(r.get('paper_miou_ss'), '.1f'):>7}")
+    print("\nUperNet (512 channels, FCN auxiliary head not counted) at 512x2048 (mlla.dense.segmentation.upernet_stats).")
+
+
+def _print_table(rows: list[dict], img_size: int) -> None:
+    header = f"{'model':<34}{'params (M)':>11}{'GMACs@' + str(img_size):>11}   {'paper: params':>13}{'GMACs':>7}{'top-1':>7}"
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -41,20 +104,3 @@ def run(args: argparse.Namespace) -> int:
             f"{_fmt(r.get('paper_params_m'), '.0f') + ('M' if r.get('paper_params_m') else ''):>13}{_fmt(r.get('paper_gmacs'), '.1f'):>7}{_fmt(r.get('paper_top1'), '.1f'):>7}"
         )
     print("\nparams and GMACs measured here (torch.utils.flop_counter FLOPs / 2); paper columns as published.")
-    _print_upernet(names)
-    return 0
-
-
-def _print_upernet(names: list[str]) -> None:
-    """UperNet (ADE20K, 150 classes) at 512x2048 on the MLLA-T/S/B listed, beside the paper's."""
-    from ..dense.segmentation import PAPER_UPERNET, upernet_stats
-
-    backbones = [n for n in ("mlla_tiny", "mlla_small", "mlla_base") if n in names]
-    if not backbones:
-        return
-    print(f"\n{'UperNet (ADE20K) at 512x2048':<34}{'params (M)':>11}{'GMACs':>9}   {'paper: params':>13}{'GMACs':>7}{'mIoU':>6}")
-    for name in backbones:
-        stats, paper = upernet_stats(name), PAPER_UPERNET.get(name, {})
-        print(f"{'upernet + ' + name:<34}{stats['params_m']:>11.2f}{stats['gmacs']:>9.1f}   "
-              f"{_fmt(paper.get('params_m'), '.0f') + ('M' if paper else ''):>13}{_fmt(paper.get('gmacs'), '.0f'):>7}"
-              f"{_fmt(paper.get('miou_ss'), '.1f'):>6}")

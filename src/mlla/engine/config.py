@@ -91,6 +91,10 @@ class TrainConfig:
     model_ema_decay_batch: int = 4096  # decay is rescaled to decay ** (total batch / this); 0: as is
     mesa: float = 0.0  # weight of the soft-target loss against the EMA model's predictions
     mesa_start: float = 0.25  # fraction of the epochs after which MESA is on
+    # detection (task 'detection', mlla.dense)
+    det_min_sizes: tuple[int, ...] = tuple(range(480, 801, 32))  # shorter side: one sampled per batch; the last in evaluation
+    det_max_size: int = 1333  # cap on the longer side
+    det_skip_empty: bool = True  # leave training images without annotations out (counted)
 
     # segmentation (task 'segmentation', mlla.dense): mmseg's ADE20K recipe
     seg_crop_size: int = 512
