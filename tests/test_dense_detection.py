@@ -319,7 +319,7 @@ def test_detection_trains_in_the_one_engine_with_ap_metrics_and_checkpoints(det_
     summary = fit(tiny_config(det_data, tmp_path / "run"))
     assert summary["status"] == "finished" and summary["epoch"] == 2
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["epoch"] for r in rows] == [1, 2]
     for key in ("train_loss_mask", "train_loss_objectness", "val_bbox_AP", "val_segm_AP", "val_bbox_APl", "val_skipped"):
         assert key in rows[-1], key
     assert 0 <= rows[-1]["val_bbox_AP"] <= 100
@@ -355,7 +355,7 @@ def test_detection_run_resumes_after_kill_9(det_data, tmp_path):
     final = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     assert final["global_step"] == 8  # 4 steps per epoch: continued, not restarted
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["epoch"] for r in rows] == [1, 2]
 
 
 def test_det_cli_eval_prints_the_ap_table_and_predict_draws_pictures(det_data, tmp_path, capsys):

@@ -209,7 +209,7 @@ def test_classification_checkpoint_initialises_the_backbone(tmp_path):
                                classifier.stages[3].blocks[0].mlp.fc1.weight)
     weights = {k: v for k, v in classifier.state_dict().items() if not k.startswith("stages.1.")}
     torch.save(weights, path)
-    with pytest.raises(CheckpointError, match=r"lacks .* backbone weights: missing keys \['stages\.1\."):
+    with pytest.raises(CheckpointError, match=r"missing keys \['stages\.1\."):
         upernet("test_mlla", 4, backbone_checkpoint=path, **TINY)
 
 

@@ -3,10 +3,11 @@ UperNet semantic segmentation on ADE20K-layout data (``mlla seg``), trained by t
 from .ade import IGNORE_INDEX, SegmentationDataset, build_seg_transform
 from .coco import CocoDetection, coco_evaluate
 from .demo import make_det_demo_dataset
-from .detection import load_backbone_checkpoint, mask_rcnn
+from .backbone import load_backbone_checkpoint
+from .detection import mask_rcnn
 from .seg_demo import SEG_DEMO_CLASSES, make_seg_demo_dataset
 from .seg_eval import MS_RATIOS, confusion_matrix, evaluate_segmentation, predict_probs, segmentation_metrics
-from .segmentation import AUX_LOSS_WEIGHT, UperNet, load_backbone_weights, load_upernet_weights, upernet
+from .segmentation import AUX_LOSS_WEIGHT, UperNet, load_upernet_weights, upernet
 
 __all__ = [
     "AUX_LOSS_WEIGHT",
@@ -21,7 +22,6 @@ __all__ = [
     "confusion_matrix",
     "evaluate_segmentation",
     "load_backbone_checkpoint",
-    "load_backbone_weights",
     "load_upernet_weights",
     "make_det_demo_dataset",
     "make_seg_demo_dataset",

@@ -22,8 +22,9 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
-from ..checkpoint import CheckpointError, read_checkpoint, unwrap_features_only
-from ..models import checkpoint_filter_fn, create_model
+from ..checkpoint import unwrap_features_only
+from ..models import create_model
+from .backbone import load_backbone_checkpoint
 
 __all__ = ["TimmFpnBackbone", "load_backbone_checkpoint", "mask_rcnn", "mask_rcnn_backbone"]
 
@@ -91,44 +92,6 @@ def mask_rcnn_backbone(
     if checkpoint is not None:
         load_backbone_checkpoint(body, checkpoint)
     return TimmFpnBackbone(body, out_channels)
-
-
-def load_backbone_checkpoint(body: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load MLLA weights into a ``features_only`` backbone; every backbone weight must be there.
-
-    Accepts our classification checkpoints (the classifier is dropped), the authors' detection
-    backbone layout (``backbone.*`` keys with ``norm0..norm3``; neck and heads are dropped), the
-    authors' classification layout, and our detection checkpoints (``backbone.body.model.*``).
-    A classification checkpoint has no per-stage norms: they keep their initial values (logged).
-
-    Raises:
-        CheckpointError: unreadable file, another model size, or backbone weights missing.
-    """
-    target = unwrap_features_only(body)
-    state_dict = read_checkpoint(path)
-    state_dict = state_dict.get("model", state_dict) if isinstance(state_dict.get("model"), dict) else state_dict
-    if any(k.startswith("backbone.body.model.") for k in state_dict):  # our own detector
-        state_dict = {
-            "backbone." + k.removeprefix("backbone.body.model."): v
-            for k, v in state_dict.items() if k.startswith("backbone.body.model.")
-        }
-    try:
-        state_dict = checkpoint_filter_fn(state_dict, target)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from e
-    own = target.state_dict()
-    unused = [k for k in state_dict if k not in own and k.startswith(("head.", "norm."))]
-    for k in unused:
-        del state_dict[k]  # the classifier and final norm of a classification checkpoint
-    if unused:
-        _logger.info("%s: ignored the classification head (%d tensors)", path, len(unused))
-    missing, unexpected = target.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path} does not fit the {type(target).__name__} backbone: {len(missing)} missing keys "
-            f"{missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}"
-        )
-    return body
 
 
 def mask_rcnn(

@@ -23,11 +23,12 @@ from segmentation_models_pytorch.base.initialization import initialize_decoder
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from torch import nn
 
-from ..checkpoint import CheckpointError, read_checkpoint, unwrap_features_only
-from ..models import checkpoint_filter_fn, create_model
+from ..checkpoint import CheckpointError, read_checkpoint
+from ..models import create_model
+from .backbone import load_backbone_checkpoint
 
 __all__ = [
-    "AUX_LOSS_WEIGHT", "FCNHead", "MIN_INPUT_SIZE", "PAPER_UPERNET", "UperNet", "upernet_stats", "load_backbone_weights", "load_upernet_weights",
+    "AUX_LOSS_WEIGHT", "FCNHead", "MIN_INPUT_SIZE", "PAPER_UPERNET", "UperNet", "upernet_stats", "load_upernet_weights",
     "upernet",
 ]
 
@@ -159,7 +160,7 @@ def upernet(
     """
     backbone = create_model(model_name, features_only=True, out_indices=(0, 1, 2, 3), **kwargs)
     if backbone_checkpoint is not None:
-        load_backbone_weights(backbone, backbone_checkpoint)
+        load_backbone_checkpoint(backbone, backbone_checkpoint)
     return UperNet(backbone, num_classes, channels=channels, aux_head=aux_head, aux_channels=aux_channels)
 
 
@@ -173,7 +174,7 @@ def load_upernet_weights(model: UperNet, path: str | os.PathLike) -> UperNet:
     state = read_checkpoint(path)
     weights = state["model"] if isinstance(state.get("model"), dict) else state
     if not any(k.startswith("backbone.model.") for k in weights):
-        load_backbone_weights(model.backbone, path)
+        load_backbone_checkpoint(model.backbone, path)
         return model
     own = model.state_dict()
     weights = dict(weights)
@@ -190,33 +191,6 @@ def load_upernet_weights(model: UperNet, path: str | os.PathLike) -> UperNet:
         )
     _logger.info("UperNet weights from %s", path)
     return model
-
-
-def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a ``features_only`` MLLA backbone from our or the authors' classification checkpoints
-    or the authors' ``backbone.*`` segmentation/detection checkpoints, requiring every backbone
-    weight: only a classification checkpoint may lack the per-stage norms (it has none; they
-    keep their initial values); its classifier and final norm are left out. Raises
-    :class:`~mlla.CheckpointError` naming missing or unexpected weights."""
-    target = unwrap_features_only(backbone)
-    raw = read_checkpoint(path)
-    try:
-        given = set(checkpoint_filter_fn(dict(raw)))
-        state = checkpoint_filter_fn(raw, target)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from e
-    own = target.state_dict()
-    has_stage_norms = any(k.startswith("stage_norms.") for k in given)
-    missing = sorted(k for k in own if k not in given and (has_stage_norms or not k.startswith("stage_norms.")))
-    unexpected = sorted(k for k in state if k not in own and not k.startswith(("head.", "norm.")))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path} lacks {len(missing)} backbone weights: missing keys {missing[:8]}; "
-            f"{len(unexpected)} unexpected keys {unexpected[:8]}"
-        )
-    target.load_state_dict({k: v for k, v in state.items() if k in own})
-    _logger.info("backbone weights from %s%s", path, "" if has_stage_norms else " (per-stage norms: initial values)")
-    return backbone
 
 
 def upernet_stats(model_name: str, img_size: tuple[int, int] = (512, 2048), num_classes: int = 150) -> dict[str, float]:

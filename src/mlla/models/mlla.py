@@ -397,8 +397,12 @@ def _convert_authors_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, to
 
 def _complete_and_check(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     own = model.state_dict()
-    layout_keys = re.compile(r"^(stage_norms\.\d+|norm|head\.fc)\.")
-    filled = [k for k in own if k not in state_dict and layout_keys.match(k)]
+    # A layer group the checkpoint's layout has none of (norm0..3 in a classification checkpoint,
+    # norm and head in a backbone's) keeps the model's initial values; a group it has only part
+    # of stays missing, and strict loading reports it.
+    layout_group = re.compile(r"^(stage_norms|norm|head)\.")
+    present = {m.group(1) for k in state_dict if (m := layout_group.match(k))}
+    filled = [k for k in own if k not in state_dict and (m := layout_group.match(k)) and m.group(1) not in present]
     for k in filled:
         state_dict[k] = own[k]
     if filled:
