@@ -118,6 +118,33 @@ def summarise(junit_xml: Path) -> tuple[int, int, int, int]:
     return total["passed"], total["failed"], total["skipped"], total["error"]
 
 
+def seed_pretrained_cache(torch_home: Path) -> list[str]:
+    """Put weights for every pretrained cfg of ours into timm's cache under ``torch_home``.
+
+    CI has no network, and timm's pretrained tests download each model's ``url``. With a file of
+    the cached name already there timm downloads nothing, so those tests still run timm's
+    pretrained route through our ``load_pretrained`` (safe reader, checkpoint filter, features
+    wrapper). The weights are the models' random initial ones, in a training checkpoint as the
+    authors save it (``model`` key): this checks the route, not the authors' values.
+    """
+    import timm
+    import torch
+    from timm.models import get_pretrained_cfg
+
+    import mlla  # noqa: F401  (registers our models)
+
+    cache = torch_home / "hub" / "checkpoints"
+    cache.mkdir(parents=True, exist_ok=True)
+    seeded = []
+    for name in timm.list_models(module=["mlla"], pretrained=True):
+        url = get_pretrained_cfg(name).url
+        file = cache / (url[1] if isinstance(url, (list, tuple)) else Path(url).name)
+        model = timm.create_model(name.split(".")[0])
+        torch.save({"model": model.state_dict()}, file)
+        seeded.append(f"{name} -> {file.name}")
+    return seeded
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-k", default=DEFAULT_K, help="pytest -k expression selecting the models (default: %(default)r)")
@@ -137,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
                "--rootdir", work, "-c", str(Path(work) / "pytest.ini"), f"--junitxml={junit}", "-n", args.n,
                *args.pytest_args]
         print(f"timm {timm.__version__}: " + " ".join(cmd), flush=True)
-        env = dict(os.environ)
+        env = dict(os.environ, TORCH_HOME=str(Path(work) / "torch_home"))
+        seeded = seed_pretrained_cache(Path(env["TORCH_HOME"]))
+        print("offline: timm's pretrained tests load random weights seeded in a temporary cache for "
+              + ", ".join(seeded), flush=True)
         if args.n != "0":  # one intra-op thread per worker, as the project's own suite
             env.setdefault("OMP_NUM_THREADS", "1")
         rc = subprocess.run(cmd, cwd=work, env=env).returncode

@@ -285,3 +285,15 @@ def test_classification_checkpoint_initialises_a_features_only_backbone_strictly
         if route == "load_checkpoint":  # timm loads before it prunes the final norm and classifier
             assert "the model has no ['head.fc', 'norm']: dropped from the checkpoint" in text
         caplog.clear()
+
+
+def test_pretrained_route_adapts_the_first_convolution_to_in_chans(tmp_path):
+    source = timm.create_model("test_mlla", num_classes=7)
+    path = tmp_path / "w.pth"
+    torch.save({"model": source.state_dict()}, path)
+    gray = timm.create_model("test_mlla", pretrained=True, in_chans=1, num_classes=7,
+                             pretrained_cfg_overlay=dict(file=str(path)))
+    expected = source.stem.conv1.conv.weight.sum(dim=1, keepdim=True)  # timm's rule for one channel
+    torch.testing.assert_close(gray.stem.conv1.conv.weight, expected)
+    torch.testing.assert_close(gray.head.fc.weight, source.head.fc.weight)
+    assert gray(torch.randn(1, 1, 64, 64)).shape == (1, 7)

@@ -19,12 +19,12 @@ from typing import Any, Sequence
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import adapt_input_conv, build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import load_checkpoint, unwrap_state_dict
+from ..checkpoint import load_weights, read_checkpoint, select_weights, unwrap_state_dict
 from ..layers import MllaBlock, MllaDownsample, MllaStem
 from ..layers.conv import register_notrace_function, timm_factory_kwargs
 from ..ops.rope import rope_2d_head_tables
@@ -227,9 +227,16 @@ class MLLA(nn.Module):
 
     @torch.jit.ignore
     def load_pretrained(self, checkpoint_path: str) -> None:
-        """timm's ``custom_load`` hook for ``pretrained=True``: :func:`mlla.load_checkpoint`
-        (safe reader, one weight-selection rule), keeping the classifier for another class count."""
-        load_checkpoint(self, checkpoint_path, allow_head_mismatch=True)
+        """timm's ``custom_load`` hook for ``pretrained=True``: as :func:`mlla.load_checkpoint`
+        (safe reader, one weight-selection rule), keeping the classifier for another class count
+        and adapting the first convolution to ``in_chans`` as timm does for its own models."""
+        source = str(checkpoint_path)
+        weights = checkpoint_filter_fn(select_weights(read_checkpoint(checkpoint_path), source=source))
+        first_conv = "stem.conv1.conv.weight"
+        if first_conv in weights and weights[first_conv].shape[1] != self.in_chans:
+            _logger.info("%s: first convolution adapted from %d to %d input channels", source, weights[first_conv].shape[1], self.in_chans)
+            weights[first_conv] = adapt_input_conv(self.in_chans, weights[first_conv])
+        load_weights(self, weights, source=source, allow_head_mismatch=True)
 
     def forward_intermediates(
         self,
