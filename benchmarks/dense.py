@@ -42,17 +42,30 @@ MLLA, SWIN, CONVNEXT = "mlla_tiny", "swin_tiny_patch4_window7_224", "convnext_ti
 BACKBONE_KWARGS: dict[str, dict[str, Any]] = {SWIN: dict(strict_img_size=False, feature_cls="getter")}
 
 
+def _fused(body: nn.Module) -> nn.Module:
+    """``body`` with an MLLA backbone switched to its inference form (``fuse()``: BatchNorm folded,
+    in-place block path), as benchmarks/inference.py and dense_seg.py time it; others as they are."""
+    from mlla.checkpoint import unwrap_features_only
+
+    target = unwrap_features_only(body)
+    if hasattr(target, "fuse"):
+        target.fuse()
+    return body
+
+
 def _backbone(name: str, size: tuple[int, int]) -> nn.Module:
     from mlla.dense.detection import mask_rcnn_backbone
 
-    return mask_rcnn_backbone(name, backbone_kwargs=BACKBONE_KWARGS.get(name)).body
+    return _fused(mask_rcnn_backbone(name, backbone_kwargs=BACKBONE_KWARGS.get(name)).body)
 
 
 def _mask_rcnn(name: str, size: tuple[int, int]) -> nn.Module:
     from mlla.dense import mask_rcnn
 
-    return mask_rcnn(name, 80, backbone_kwargs=BACKBONE_KWARGS.get(name), min_size=min(size), max_size=max(size),
-                     box_score_thresh=0.0, box_detections_per_img=100)
+    model = mask_rcnn(name, 80, backbone_kwargs=BACKBONE_KWARGS.get(name), min_size=min(size), max_size=max(size),
+                      box_score_thresh=0.0, box_detections_per_img=100)
+    _fused(model.backbone.body)
+    return model
 
 
 def _padded_batch(x: torch.Tensor) -> torch.Tensor:

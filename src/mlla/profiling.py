@@ -27,9 +27,18 @@ def count_gmacs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 22
     x = torch.zeros(batch_size, *input_size, device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
-    with torch.enable_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    model.train(was_training)
+    # Blocks switched to their fused inference path (model.fuse()) count on the plain one, which
+    # does the same arithmetic and runs with autograd on.
+    fused = [m for m in model.modules() if getattr(m, "fused_inference", False)]
+    for m in fused:
+        m.fused_inference = False
+    try:
+        with torch.enable_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for m in fused:
+            m.fused_inference = True
+        model.train(was_training)
     return counter.get_total_flops() / 2 / 1e9 / batch_size
 
 
