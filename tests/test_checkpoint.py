@@ -9,6 +9,7 @@ import timm
 import torch
 
 import mlla
+import mlla.cli
 from mlla.checkpoint import CheckpointError, atomic_save, read_checkpoint, save_state_dict
 
 

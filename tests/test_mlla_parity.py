@@ -6,6 +6,7 @@ import timm
 import torch
 
 import mlla
+import mlla.cli
 from conftest import reference_case
 
 TOL = 1e-5

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import mlla
+import mlla.cli
 from mlla.checkpoint import CheckpointError
 from mlla.dense import upernet
 from mlla.dense.ade import IGNORE_INDEX, SegmentationDataset, build_seg_transform, collate_segmentation

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .train import _BOOL, _S, _floats, _optional
+from .train import _BOOL, _S, _floats, _optional, add_run_arguments
 
 _logger = logging.getLogger(__name__)
 
@@ -45,19 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "< flags. Without --data-dir: the generated demo data and --preset demo; with it, coco-1x unless told. "
         "Several processes: torchrun --nproc_per_node N -m mlla.cli det train ...",
     )
-    g = t.add_argument_group("run")
-    g.add_argument("--preset", choices=sorted(DET_PRESETS), help="recipe preset (coco-1x: 12 epochs, coco-3x: 36, demo)")
-    g.add_argument("--config", help="YAML file of settings (TrainConfig fields)")
-    g.add_argument("--output", help="run folder: config.yaml, last.pth, best.pth, metrics.* (default runs/det-MODEL)")
-    g.add_argument("--resume", help="'auto' (OUTPUT/last.pth if there) or a checkpoint path")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("-b", "--batch-size", type=int, help="images per process and step")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--device", help="auto (default), cpu, cuda")
-    g.add_argument("--save-every-steps", type=int, help="also save last.pth every N steps")
-    g.add_argument("--progress", action=_BOOL, help="progress bars")
-    g.add_argument("--tensorboard", action=_BOOL)
-    g.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    add_run_arguments(t, sorted(DET_PRESETS), preset_help="recipe preset (coco-1x: 12 epochs, coco-3x: 36, demo)",
+                      default_output="runs/det-MODEL")
     g = t.add_argument_group("model")
     g.add_argument("--model", help="backbone: mlla_tiny, mlla_small, mlla_base, test_mlla (or another timm model)")
     g.add_argument("--model-kwargs", nargs="*", metavar="NAME=VALUE",

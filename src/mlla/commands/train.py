@@ -39,20 +39,12 @@ def _optional(kind: type) -> Callable[[str], Any]:
     return parse
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "train",
-        help="train with the paper's recipe (presets mlla_tiny/small/base, finetune, demo)",
-        description="Train on an ImageFolder (DIR/train/<class>/*, DIR/val/<class>/*). Settings: defaults < "
-        "--preset < --config YAML < flags. Without --data-dir the generated demo dataset is used. "
-        "Several processes: torchrun --nproc_per_node N -m mlla.cli train ...",
-        argument_default=_S,
-    )
+def add_run_arguments(p: argparse.ArgumentParser, presets: list[str], *, preset_help: str, default_output: str) -> None:
+    """The "run" flags every training command shares (``mlla train``, ``mlla det train``)."""
     g = p.add_argument_group("run")
-    g.add_argument("--preset", choices=sorted(PRESETS), help="recipe preset (default: the model's own if it has one, "
-                   "'demo' without --data-dir)")
+    g.add_argument("--preset", choices=presets, help=preset_help)
     g.add_argument("--config", help="YAML file of settings (keys as the flags, with _ for -)")
-    g.add_argument("--output", help="run folder: config.yaml, last.pth, best.pth, metrics.* (default runs/MODEL)")
+    g.add_argument("--output", help=f"run folder: config.yaml, last.pth, best.pth, metrics.* (default {default_output})")
     g.add_argument("--resume", help="'auto' (OUTPUT/last.pth if there) or a checkpoint path")
     g.add_argument("--epochs", type=int)
     g.add_argument("-b", "--batch-size", type=int, help="images per process and step")
@@ -62,6 +54,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--progress", action=_BOOL, help="progress bars")
     g.add_argument("--tensorboard", action=_BOOL, help="also log to OUTPUT/tensorboard (needs tensorboard)")
     g.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train with the paper's recipe (presets mlla_tiny/small/base, finetune, demo)",
+        description="Train on an ImageFolder (DIR/train/<class>/*, DIR/val/<class>/*). Settings: defaults < "
+        "--preset < --config YAML < flags. Without --data-dir the generated demo dataset is used. "
+        "Several processes: torchrun --nproc_per_node N -m mlla.cli train ...",
+        argument_default=_S,
+    )
+    add_run_arguments(
+        p, sorted(PRESETS), preset_help="recipe preset (default: the model's own if it has one, 'demo' without --data-dir)",
+        default_output="runs/MODEL",
+    )
 
     g = p.add_argument_group("model")
     g.add_argument("--model", help="registered model name (see `mlla models`)")
