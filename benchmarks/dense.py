@@ -33,9 +33,8 @@ import torch
 from torch import nn
 
 import mlla  # noqa: F401  (registers the models)
-from mlla.benchmark import environment, parse_size
+from mlla.benchmark import call_peak_memory_mib, environment, parse_size
 from mlla.checkpoint import atomic_save
-from mlla.runtime import trim_freed_memory
 
 MLLA, SWIN, CONVNEXT = "mlla_tiny", "swin_tiny_patch4_window7_224", "convnext_tiny"
 #: timm arguments for backbones that need them to take any input size and return NCHW maps.
@@ -107,30 +106,10 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def _status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise OSError(f"{key} not in /proc/self/status")
-
-
 def peak_memory_here(part: str, backbone: str, size: tuple[int, int], device: str) -> float:
     """MiB one call adds at its peak, measured in this process after a warm-up call."""
     dev = torch.device(device)
-    call = _prepare(part, backbone, size, dev)
-    call()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
-        call()
-        torch.cuda.synchronize(dev)
-        return (torch.cuda.max_memory_allocated(dev) - before) / 2**20
-    trim_freed_memory()
-    before = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    call()
-    return (_status_kib("VmHWM") - before) / 1024
+    return call_peak_memory_mib(_prepare(part, backbone, size, dev), dev)
 
 
 def peak_memory(part: str, backbone: str, size: tuple[int, int], device: str, threads: int) -> float | None:

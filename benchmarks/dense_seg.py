@@ -28,11 +28,10 @@ import timm
 import torch
 
 import mlla  # noqa: F401  (registers the models)
-from mlla.benchmark import DTYPES, environment, make_step, parse_size
+from mlla.benchmark import DTYPES, call_peak_memory_mib, environment, make_step, parse_size
 from mlla.checkpoint import atomic_save, unwrap_features_only
 from mlla.dense.segmentation import UperNet
 from mlla.profiling import count_gmacs, count_params
-from mlla.runtime import trim_freed_memory
 
 SWIN, CONVNEXT = "swin_tiny_patch4_window7_224", "convnext_tiny"
 COLUMNS = ["backbone", "height", "width", "dtype", "device", "ms", "ms_min", "ms_max", "ratio_to_mlla", "peak_mem_mib",
@@ -74,26 +73,7 @@ def peak_memory_mib(backbone: str, size: tuple[int, int], dtype: str, device: st
     """Extra memory of one forward call, measured in this process (see the module docstring)."""
     dev = torch.device(device)
     model = build(backbone, size, device)
-    step = make_step(model, torch.randn(1, 3, *size, device=dev), dtype, "infer")
-    step()
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
-        step()
-        torch.cuda.synchronize(dev)
-        return (torch.cuda.max_memory_allocated(dev) - before) / 2**20
-    trim_freed_memory()
-
-    def status_kib(key: str) -> int:
-        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key + ":"))
-        return int(line.split()[1])
-
-    before = status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    step()
-    return (status_kib("VmHWM") - before) / 1024
+    return call_peak_memory_mib(make_step(model, torch.randn(1, 3, *size, device=dev), dtype, "infer"), dev)
 
 
 def measure_memory(backbone: str, size: tuple[int, int], dtype: str, device: str, threads: int) -> float:

@@ -342,20 +342,26 @@ def _peak_memory_here(model_name: str, size: tuple[int, int], batch: int, dtype:
     spec = BenchmarkSpec([model_name], task=task, mode=mode, device=device, fuse=fuse)
     dev = torch.device(device)
     model, x = _prepare(Variant(model_name, dtype, compiled), spec, size, batch, dev)
-    step = make_step(model, x, dtype, mode)
-    step()  # warm-up: lazy initialisation, compilation, weight repacking
+    return call_peak_memory_mib(make_step(model, x, dtype, mode), dev)
+
+
+def call_peak_memory_mib(call: Callable[[], Any], device: torch.device) -> float:
+    """Extra memory (MiB) one ``call()`` adds at its peak, after a warm-up call (lazy
+    initialisation, compilation, weight repacking): allocator peak on CUDA, the process's
+    high-water mark over its resident set on CPU (Linux; run it in a fresh process)."""
+    call()
     gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        before = torch.cuda.memory_allocated(dev)
-        step()
-        torch.cuda.synchronize(dev)
-        return (torch.cuda.max_memory_allocated(dev) - before) / 2**20
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        call()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     trim_freed_memory()  # hand freed heap pages back, so RSS is tight
     before = _proc_status_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    step()
+    call()
     return (_proc_status_kib("VmHWM") - before) / 1024
 
 
