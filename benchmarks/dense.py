@@ -53,7 +53,7 @@ def _fused(body: nn.Module) -> nn.Module:
 
 
 def _backbone(name: str, size: tuple[int, int]) -> nn.Module:
-    from mlla.dense.detection import mask_rcnn_backbone
+    from mlla.tasks.detection.model import mask_rcnn_backbone
 
     return _fused(mask_rcnn_backbone(name, backbone_kwargs=BACKBONE_KWARGS.get(name)).body)
 

@@ -30,7 +30,7 @@ import torch
 import mlla  # noqa: F401  (registers the models)
 from mlla.benchmark import DTYPES, call_peak_memory_mib, environment, make_step, parse_size
 from mlla.checkpoint import atomic_save, unwrap_features_only
-from mlla.dense.segmentation import UperNet
+from mlla.tasks.segmentation.model import UperNet
 from mlla.profiling import count_gmacs, count_params
 
 SWIN, CONVNEXT = "swin_tiny_patch4_window7_224", "convnext_tiny"

@@ -34,7 +34,7 @@ import timm
 import torch
 from PIL import Image
 
-from mlla.data import DEMO_CLASSES, make_demo_dataset
+from mlla.tasks.classification import DEMO_CLASSES, make_demo_dataset
 
 _MODES = ("I;16", "P", "RGBA", "LA", "L")
 

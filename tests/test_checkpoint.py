@@ -178,7 +178,7 @@ def _same_weights(model, reference) -> bool:
 
 
 def _train_config(tmp_path, checkpoint, **kw):
-    from mlla.data import DEMO_CLASSES, make_demo_dataset
+    from mlla.tasks.classification import DEMO_CLASSES, make_demo_dataset
     from mlla.engine import TrainConfig
 
     data = make_demo_dataset(tmp_path / "data", 1, 1, classes=DEMO_CLASSES[:4], progress=False)

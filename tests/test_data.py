@@ -10,15 +10,14 @@ import torch
 from PIL import Image
 
 import mlla
+from mlla.tasks.classification import DEMO_CLASSES, make_demo_dataset
 from mlla.data import (
-    DEMO_CLASSES,
     ImageFolderDataset,
     ResumableSampler,
     build_loader,
     build_transform,
     collate_skipping,
     find_split,
-    make_demo_dataset,
 )
 
 

@@ -12,13 +12,12 @@ from PIL import Image
 from timm.data.auto_augment import RandAugment
 
 import mlla
+from mlla.tasks.classification import DEMO_CLASSES, make_demo_dataset
 from mlla.data import (
-    DEMO_CLASSES,
     ImageFolderDataset,
     TooManyFailedSamples,
     build_loader,
     build_transform,
-    make_demo_dataset,
     to_rgb,
 )
 from mlla.data.auto_augment import posterize

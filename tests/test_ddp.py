@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from mlla.data import DEMO_CLASSES, make_demo_dataset
+from mlla.tasks.classification import DEMO_CLASSES, make_demo_dataset
 from mlla.engine import TrainConfig, fit, save_yaml
 
 

@@ -19,8 +19,8 @@ from PIL import Image
 import mlla
 from mlla.checkpoint import CheckpointError
 from mlla.dense import CocoDetection, coco_evaluate, load_backbone_checkpoint, mask_rcnn
-from mlla.dense.coco import collate_detection, detections_to_coco
-from mlla.dense.tasks import evaluate_detector
+from mlla.tasks.detection.coco import collate_detection, detections_to_coco
+from mlla.tasks.detection.task import evaluate_detector
 from mlla.data import build_loader
 
 from conftest import reference_case
@@ -141,7 +141,7 @@ def test_classification_checkpoint_initialises_the_backbone_and_other_sizes_are_
 
 # ---------------------------------------------------------------------------------- evaluation
 def _gt(images, annotations, categories=((1, "a"), (5, "b"))):
-    from mlla.dense.coco import _gt_annotation, _quiet_coco
+    from mlla.tasks.detection.coco import _gt_annotation, _quiet_coco
 
     annotations = [_gt_annotation(a, i) for i, a in enumerate(annotations)]
     return _quiet_coco(dict(images=images, annotations=annotations, categories=[dict(id=i, name=n) for i, n in categories]))
@@ -381,7 +381,7 @@ def test_det_cli_eval_prints_the_ap_table_and_predict_draws_pictures(det_data, t
 
 
 def test_detector_flops_are_counted_as_the_paper_counts_them():
-    from mlla.dense.detection_stats import mask_rcnn_gmacs
+    from mlla.tasks.detection.stats import mask_rcnn_gmacs
 
     with torch.device("meta"):
         parts = mask_rcnn_gmacs(mask_rcnn("test_mlla", 80).eval())

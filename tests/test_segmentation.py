@@ -15,9 +15,9 @@ import mlla
 import mlla.cli
 from mlla.checkpoint import CheckpointError
 from mlla.dense import upernet
-from mlla.dense.ade import IGNORE_INDEX, SegmentationDataset, build_seg_transform, collate_segmentation
-from mlla.dense.seg_demo import SEG_DEMO_CLASSES, make_seg_demo_dataset
-from mlla.dense.seg_eval import (
+from mlla.tasks.segmentation.ade import IGNORE_INDEX, SegmentationDataset, build_seg_transform, collate_segmentation
+from mlla.tasks.segmentation.demo import SEG_DEMO_CLASSES, make_seg_demo_dataset
+from mlla.tasks.segmentation.evaluate import (
     MS_RATIOS, confusion_matrix, evaluate_segmentation, predict_probs, segmentation_metrics, slide_logits, whole_logits,
 )
 from mlla.engine import TrainConfig, fit
@@ -67,7 +67,7 @@ def test_paper_setting_layout():
 
 
 def test_mlla_models_upernet_figures_match_the_papers():
-    from mlla.dense.segmentation import PAPER_UPERNET, upernet_stats
+    from mlla.tasks.segmentation.model import PAPER_UPERNET, upernet_stats
 
     stats, paper = upernet_stats("mlla_base"), PAPER_UPERNET["mlla_base"]
     assert stats["gmacs"] == pytest.approx(paper["gmacs"], rel=0.01)  # 512x2048, eval mode
@@ -139,7 +139,7 @@ def test_evaluate_returns_the_documented_structure_with_hand_computed_scores(tmp
 
 
 def test_training_steps_lower_the_loss(demo):
-    from mlla.dense.seg_task import SegmentationTask
+    from mlla.tasks.segmentation.task import SegmentationTask
 
     cfg = TrainConfig(task="segmentation", model="test_mlla", seg_channels=16, seg_aux_channels=8, seg_crop_size=32,
                       seg_scale=(64, 32), train_split="training", val_split="validation")

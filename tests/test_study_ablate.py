@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from mlla.cli import main
-from mlla.data.study import STUDY_CLASSES, make_study_dataset
-from mlla.study.ablate import COLUMNS, STUDY_MODEL_KWARGS, StudySpec, _finished, variant_config
+from mlla.tasks.study.data import STUDY_CLASSES, make_study_dataset
+from mlla.tasks.study.ablate import COLUMNS, STUDY_MODEL_KWARGS, StudySpec, _finished, variant_config
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

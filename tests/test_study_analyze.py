@@ -11,7 +11,7 @@ from torch import nn
 from mlla.cli import main
 from mlla.layers.gated_attention import GatedLinearAttention
 from mlla.models import create_model
-from mlla.study.analyze import (
+from mlla.tasks.study.analyze import (
     AnalysisNotApplicable,
     analyze,
     attention_normalization,

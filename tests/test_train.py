@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import mlla
-from mlla.data import DEMO_CLASSES, make_demo_dataset
+from mlla.tasks.classification import DEMO_CLASSES, make_demo_dataset
 from mlla.engine import TrainConfig, fit
-from mlla.engine import classification as classification_module
+from mlla.tasks.classification import task as classification_module
 
 
 def _config(data: Path, output: Path, **kw) -> TrainConfig:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlla.data import DEMO_CLASSES, available_cores, default_workers, make_demo_dataset
+from mlla.data import available_cores, default_workers
+from mlla.tasks.classification import DEMO_CLASSES, make_demo_dataset
 from mlla.engine import TrainConfig, fit
 from mlla.engine.preflight import SettingsError, check_settings
 

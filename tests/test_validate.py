@@ -12,7 +12,7 @@ from PIL import Image
 
 import mlla
 from mlla.cli import main
-from mlla.data import DEMO_CLASSES, make_demo_dataset
+from mlla.tasks.classification import DEMO_CLASSES, make_demo_dataset
 from mlla.engine import TrainConfig, fit
 
 from conftest import REFERENCE_DIR as REFERENCE

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..models.ablation import ABLATION_VARIANTS
-    from ..study.ablate import STUDY_MODEL_KWARGS, STUDY_RECIPE
+    from ..tasks.study.ablate import STUDY_MODEL_KWARGS, STUDY_RECIPE
 
     size = " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in STUDY_MODEL_KWARGS.items())
     p = subparsers.add_parser(
@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..engine.config import load_yaml, parse_kwargs
-    from ..study.ablate import STUDY_MODEL_KWARGS, STUDY_RECIPE, StudySpec, run_study
+    from ..tasks.study.ablate import STUDY_MODEL_KWARGS, STUDY_RECIPE, StudySpec, run_study
 
     recipe = dict(STUDY_RECIPE)
     if args.config:
@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     rows = run_study(spec)
     if rows is None:
         return 1
-    from ..study.ablate import format_study_table
+    from ..tasks.study.ablate import format_study_table
 
     print(format_study_table(rows))
     print(f"\ntable, CSV, JSON and chart in {args.output}")

@@ -6,7 +6,7 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..study.analyze import ANALYSES
+    from ..tasks.study.analyze import ANALYSES
 
     p = subparsers.add_parser(
         "analyze",
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..engine.config import parse_kwargs
-    from ..study.analyze import analyze
+    from ..tasks.study.analyze import analyze
 
     out = args.output
     if out is None:

@@ -29,7 +29,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..dense.det_presets import DET_PRESETS
+    from ..tasks.detection.presets import DET_PRESETS
 
     p = subparsers.add_parser(
         "det", help="detection and instance segmentation (Mask R-CNN): train, eval, predict",
@@ -106,7 +106,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """The :class:`~mlla.engine.config.TrainConfig` of parsed ``det train`` arguments."""
-    from ..dense.det_presets import get_det_preset
+    from ..tasks.detection.presets import get_det_preset
     from ..engine.config import TrainConfig, load_yaml, parse_kwargs, resolve_config
 
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
@@ -129,7 +129,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..dense.tasks import format_ap_table
+    from ..tasks.detection.task import format_ap_table
     from ..engine.trainer import fit
 
     cfg = config_from_args(args)
@@ -148,7 +148,7 @@ def run_train(args: argparse.Namespace) -> int:
 def load_detector(path: str, *, use_ema: bool = False):
     """``(model, categories, cfg)`` from a checkpoint of ``mlla det train`` (safe loading)."""
     from ..checkpoint import CheckpointError, read_checkpoint
-    from ..dense.detection import mask_rcnn
+    from ..tasks.detection.model import mask_rcnn
     from ..engine.config import TrainConfig, resolve_config
 
     ckpt = read_checkpoint(path)
@@ -169,8 +169,8 @@ def load_detector(path: str, *, use_ema: bool = False):
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..data import build_loader
-    from ..dense.coco import CocoDetection, collate_detection
-    from ..dense.tasks import coco_split_paths, evaluate_detector, format_ap_table
+    from ..tasks.detection.coco import CocoDetection, collate_detection
+    from ..tasks.detection.task import coco_split_paths, evaluate_detector, format_ap_table
     from ..engine.distributed import DistEnv, pick_device
 
     model, categories, _ = load_detector(args.checkpoint, use_ema=args.use_ema)
@@ -209,7 +209,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.functional import pil_to_tensor
 
-    from ..dense.visualize_detections import draw_detections
+    from ..tasks.detection.visualize import draw_detections
     from ..engine.distributed import pick_device
 
     model, categories, _ = load_detector(args.checkpoint, use_ema=args.use_ema)

@@ -24,7 +24,7 @@ def _detection_rows(pattern: str) -> list[dict]:
     """Mask R-CNN at 1280x800 on MLLA-T/S/B (named ``mask_rcnn_<backbone>``) matching ``pattern``."""
     from fnmatch import fnmatch
 
-    from ..dense.detection_stats import DETECTION_PAPER_RESULTS, detection_model_stats
+    from ..tasks.detection.stats import DETECTION_PAPER_RESULTS, detection_model_stats
 
     rows = []
     for backbone, paper in DETECTION_PAPER_RESULTS.items():
@@ -39,7 +39,7 @@ def _segmentation_rows(pattern: str) -> list[dict]:
     """UperNet (ADE20K, 150 classes) at 512x2048 on MLLA-T/S/B (named ``upernet_<backbone>``) matching ``pattern``."""
     from fnmatch import fnmatch
 
-    from ..dense.segmentation import PAPER_UPERNET, upernet_stats
+    from ..tasks.segmentation.model import PAPER_UPERNET, upernet_stats
 
     rows = []
     for backbone in ("mlla_tiny", "mlla_small", "mlla_base"):
@@ -80,7 +80,7 @@ def _print_detection_table(rows: list[dict]) -> None:
         print(f"{r['model']:<34}{r['params_m']:>11.2f}{r['gmacs']:>11.1f}   {r['paper_params_m']:>12.0f}M{r['paper_gflops']:>7.0f}"
               f"{r['paper_box_ap']:>7.1f}{r['paper_mask_ap']:>8.1f}")
     print("\nMask R-CNN (torchvision parts, FPN 256) at 1280x800, counted as mmdetection does for the paper: backbone,\n"
-          "FPN and RPN head on the image, box head on 1000 RoIs, mask head on 100 (mlla.dense.detection_stats).")
+          "FPN and RPN head on the image, box head on 1000 RoIs, mask head on 100 (mlla.tasks.detection.stats).")
 
 
 def _print_segmentation_table(rows: list[dict]) -> None:
@@ -91,7 +91,7 @@ def _print_segmentation_table(rows: list[dict]) -> None:
         print(f"{r['model']:<34}{r['params_m']:>11.2f}{r['gmacs']:>11.1f}   "
               f"{_fmt(r.get('paper_params_m'), '.0f') + ('M' if r.get('paper_params_m') else ''):>13}"
               f"{_fmt(r.get('paper_gmacs'), '.0f'):>7}{_fmt(r.get('paper_miou_ss'), '.1f'):>7}")
-    print("\nUperNet (512 channels, FCN auxiliary head not counted) at 512x2048 (mlla.dense.segmentation.upernet_stats).")
+    print("\nUperNet (512 channels, FCN auxiliary head not counted) at 512x2048 (mlla.tasks.segmentation.model.upernet_stats).")
 
 
 def _print_table(rows: list[dict], img_size: int) -> None:

@@ -123,8 +123,8 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
     """(model on its device, task, device, predict_probs options) from the inference flags."""
     import torch
 
-    from ..dense.seg_eval import MS_RATIOS
-    from ..dense.seg_task import segmenter_from_checkpoint
+    from ..tasks.segmentation.evaluate import MS_RATIOS
+    from ..tasks.segmentation.task import segmenter_from_checkpoint
     from ..engine.distributed import pick_device
 
     model, task = segmenter_from_checkpoint(args.checkpoint, use_ema=args.use_ema)
@@ -141,8 +141,8 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..data import build_loader
-    from ..dense.ade import SegmentationDataset, build_seg_transform, collate_segmentation
-    from ..dense.seg_eval import segmentation_confusion, segmentation_metrics
+    from ..tasks.segmentation.ade import SegmentationDataset, build_seg_transform, collate_segmentation
+    from ..tasks.segmentation.evaluate import segmentation_confusion, segmentation_metrics
     from ..engine.distributed import DistEnv
 
     model, task, device, options = _setup(args)
@@ -194,9 +194,9 @@ def run_predict(args: argparse.Namespace) -> int:
     from PIL import Image
     from torchvision import tv_tensors
 
-    from ..dense.ade import build_seg_transform
-    from ..dense.seg_eval import predict_probs
-    from ..dense.seg_visualize import save_overlay
+    from ..tasks.segmentation.ade import build_seg_transform
+    from ..tasks.segmentation.evaluate import predict_probs
+    from ..tasks.segmentation.visualize import save_overlay
 
     files = _image_files(args.inputs, args.suffix)
     model, task, device, options = _setup(args)

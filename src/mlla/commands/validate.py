@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from ..engine.checkpointing import load_model_weights
     from ..engine.config import load_yaml, parse_kwargs
     from ..engine.distributed import DistEnv, pick_device
-    from ..engine.evaluate import evaluate
+    from ..tasks.classification.evaluate import evaluate
     from ..models import create_model
 
     settings = load_yaml(args.config) if args.config else {}

@@ -1,8 +1,7 @@
-"""Datasets (ImageFolder that survives bad samples, the generated demo set), image modes,
+"""Data pieces every task shares: an ImageFolder that survives bad samples, image modes,
 safe augmentation, transforms, loaders that count failed samples."""
 from .auto_augment import harden_auto_augment
 from .dataset import IMG_EXTENSIONS, ImageFolderDataset, collate_skipping, find_split
-from .demo import DEMO_CLASSES, make_demo_dataset
 from .failures import FailureLog, SampleFailure, Skipped, TooManyFailedSamples
 from .images import to_rgb
 from .loader import CountingLoader, ResumableSampler, available_cores, build_loader, default_workers
@@ -10,7 +9,6 @@ from .transforms import build_transform
 
 __all__ = [
     "CountingLoader",
-    "DEMO_CLASSES",
     "FailureLog",
     "IMG_EXTENSIONS",
     "ImageFolderDataset",
@@ -25,6 +23,5 @@ __all__ = [
     "default_workers",
     "find_split",
     "harden_auto_augment",
-    "make_demo_dataset",
     "to_rgb",
 ]

@@ -1,21 +1,17 @@
 """Training and evaluation engine: configuration and presets, one training loop for every task
-(DDP, AMP, EMA, checkpoints and resuming, metrics and plots), and the classification task."""
-from .classification import ClassificationTask
+(DDP, AMP, EMA, checkpoints and resuming, metrics and plots); tasks plug in through :class:`Task`."""
 from .config import TrainConfig, load_yaml, parse_kwargs, resolve_config, save_yaml
-from .evaluate import evaluate
 from .presets import PRESETS, get_preset
 from .task import TASKS, Task, build_task
 from .trainer import Trainer, fit
 
 __all__ = [
-    "ClassificationTask",
     "PRESETS",
     "TASKS",
     "Task",
     "build_task",
     "TrainConfig",
     "Trainer",
-    "evaluate",
     "fit",
     "get_preset",
     "load_yaml",

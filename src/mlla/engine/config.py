@@ -35,7 +35,7 @@ class TrainConfig:
     channels_last: bool = False
     sync_bn: bool = False
     # data
-    data_dir: str | None = None  # None: the generated demo dataset (mlla.data.demo)
+    data_dir: str | None = None  # None: the generated demo dataset (mlla.tasks.classification.demo)
     train_split: str = "train"
     val_split: str = "val"
     img_size: int = 224

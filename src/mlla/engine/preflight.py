@@ -156,7 +156,7 @@ def check_settings(
     if output is not None:
         check_output(output)
     warnings = []
-    from .classification import ClassificationTask
+    from ..tasks.classification.task import ClassificationTask
 
     classifying = isinstance(task, ClassificationTask) if task is not None else cfg.task == "classification"
     if cfg.data_dir is not None and classifying:

@@ -65,7 +65,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         model_ema=False,
         mesa=0.0,
     ),
-    # The README's main command: a small MLLA on the generated demo dataset (mlla.data.demo),
+    # The README's main command: a small MLLA on the generated demo dataset (mlla.tasks.classification.demo),
     # a few minutes on 2 CPU cores. Float32 (bfloat16 autocast is slow on CPUs without AMX).
     "demo": dict(
         model="test_mlla",
@@ -131,7 +131,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         seg_test_mode="whole",
     ),
     # `mlla seg train --preset demo`: UperNet on a small MLLA over the generated segmentation
-    # scenes (mlla.dense.seg_demo), a few minutes on 2 CPU cores.
+    # scenes (mlla.tasks.segmentation.demo), a few minutes on 2 CPU cores.
     "seg-demo": dict(
         task="segmentation",
         model="test_mlla",

@@ -4,7 +4,7 @@ The :class:`~mlla.engine.trainer.Trainer` owns everything that is the same for e
 processes (DDP), mixed precision, the optimizer and learning-rate schedule, the EMA model,
 checkpoints and resuming, signals, the non-finite-loss guard, progress bars, metrics and plots.
 A :class:`Task` owns the rest: its data, its model, the loss of a batch and its evaluation.
-Classification (:mod:`mlla.engine.classification`), detection and segmentation
+Classification (:mod:`mlla.tasks.classification.task`), detection and segmentation
 (:mod:`mlla.dense`) are tasks; ``TrainConfig.task`` names the one a run uses.
 """
 from __future__ import annotations
@@ -24,9 +24,9 @@ __all__ = ["TASKS", "Task", "build_task"]
 
 #: Task names and where their classes live (imported on first use).
 TASKS: dict[str, str] = {
-    "classification": "mlla.engine.classification:ClassificationTask",
-    "detection": "mlla.dense.tasks:DetectionTask",
-    "segmentation": "mlla.dense.seg_task:SegmentationTask",
+    "classification": "mlla.tasks.classification.task:ClassificationTask",
+    "detection": "mlla.tasks.detection.task:DetectionTask",
+    "segmentation": "mlla.tasks.segmentation.task:SegmentationTask",
 }
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .detection import mask_rcnn
+from .model import mask_rcnn
 
 __all__ = ["DETECTION_PAPER_RESULTS", "detection_model_stats", "mask_rcnn_gmacs"]
 

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoint import CheckpointError, read_checkpoint
-from ..engine.config import resolve_config
-from ..engine.distributed import DistEnv
-from ..engine.task import Task
+from ...checkpoint import CheckpointError, read_checkpoint
+from ...engine.config import resolve_config
+from ...engine.distributed import DistEnv
+from ...engine.task import Task
 from .ade import IGNORE_INDEX, SegmentationDataset, build_seg_transform, collate_segmentation
-from .seg_demo import make_seg_demo_dataset
-from .seg_eval import evaluate_segmentation
-from .segmentation import UperNet, load_upernet_weights, upernet
+from .demo import make_seg_demo_dataset
+from .evaluate import evaluate_segmentation
+from .model import UperNet, load_upernet_weights, upernet
 
 __all__ = ["SegmentationTask", "read_class_names", "segmentation_loss", "segmenter_from_checkpoint"]
 
@@ -126,7 +126,7 @@ class SegmentationTask(Task):
         return main + self.cfg.seg_aux_weight * aux_loss, dict(loss_main=main.item(), loss_aux=aux_loss.item())
 
     def inference_options(self) -> dict[str, Any]:
-        """Validation inference settings (:func:`mlla.dense.seg_eval.predict_probs` options)."""
+        """Validation inference settings (:func:`mlla.tasks.segmentation.evaluate.predict_probs` options)."""
         cfg = self.cfg
         return dict(scale=cfg.seg_scale, mode=cfg.seg_test_mode, crop_size=cfg.seg_crop_size, stride=cfg.seg_stride)
 

@@ -23,9 +23,9 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_save
-from ..layers.attention import MllaLinearAttention
-from ..layers.gated_attention import GatedLinearAttention
+from ...checkpoint import atomic_save
+from ...layers.attention import MllaLinearAttention
+from ...layers.gated_attention import GatedLinearAttention
 
 __all__ = [
     "ANALYSES",
@@ -308,10 +308,10 @@ def load_model(source: str, *, model: str | None = None, model_kwargs: dict[str,
     Returns ``(model, info)``; ``info`` has ``name``, ``source``, ``img_size``, ``crop_pct``,
     ``interpolation`` and ``data_dir`` (from the training config, where known).
     """
-    from ..benchmark import build_model
-    from ..checkpoint import read_checkpoint
-    from ..engine.checkpointing import load_model_weights
-    from ..models import create_model
+    from ...benchmark import build_model
+    from ...checkpoint import read_checkpoint
+    from ...engine.checkpointing import load_model_weights
+    from ...models import create_model
 
     path = Path(source)
     if path.is_file():
@@ -348,7 +348,7 @@ def load_model(source: str, *, model: str | None = None, model_kwargs: dict[str,
 
 def find_images(folder: str | os.PathLike, count: int) -> list[Path]:
     """``count`` image files spread evenly over the sorted files under ``folder`` (all classes)."""
-    from ..data import IMG_EXTENSIONS
+    from ...data import IMG_EXTENSIONS
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -364,7 +364,7 @@ def load_images(model: nn.Module, info: dict[str, Any], files: Sequence[Path]) -
     """``(B, 3, S, S)``: ``files`` through the model's evaluation transform."""
     from PIL import Image
 
-    from ..data import build_transform
+    from ...data import build_transform
 
     tf = build_transform(model, is_training=False, img_size=info["img_size"], crop_pct=info["crop_pct"],
                          interpolation=info["interpolation"])

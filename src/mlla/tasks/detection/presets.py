@@ -42,7 +42,7 @@ _COCO = dict(
 DET_PRESETS: dict[str, dict[str, Any]] = {
     "coco-1x": dict(_COCO, epochs=12, decay_milestones=(8, 11), drop_path=0.1),
     "coco-3x": dict(_COCO, epochs=36, decay_milestones=(27, 33), drop_path=0.3),
-    # The built-in demo (mlla.dense.demo: shapes with instance masks, 160 px): a smaller MLLA
+    # The built-in demo (mlla.tasks.detection.demo: shapes with instance masks, 160 px): a smaller MLLA
     # and slimmer heads (FPN and mask head 64 channels, box head 256), fewer proposals, so that
     # it trains in minutes on 2 CPU cores. Float32 (bfloat16 autocast is slow on most CPUs).
     "demo": dict(

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .distributed import DistEnv, all_reduce_sum
+from ...engine.distributed import DistEnv, all_reduce_sum
 
 __all__ = ["evaluate"]
 

@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_save
+from ...checkpoint import atomic_save
 
 __all__ = ["class_palette", "save_overlay"]
 

@@ -23,9 +23,9 @@ from segmentation_models_pytorch.base.initialization import initialize_decoder
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 from torch import nn
 
-from ..checkpoint import CheckpointError, read_checkpoint
-from ..models import create_model
-from .backbone import load_backbone_checkpoint
+from ...checkpoint import CheckpointError, read_checkpoint
+from ...models import create_model
+from ...models.backbone import load_backbone_checkpoint
 
 __all__ = [
     "AUX_LOSS_WEIGHT", "FCNHead", "MIN_INPUT_SIZE", "PAPER_UPERNET", "UperNet", "upernet_stats", "load_upernet_weights",
@@ -114,7 +114,7 @@ class UperNet(nn.Module):
         if x.ndim != 4 or min(x.shape[-2:]) < MIN_INPUT_SIZE:
             raise ValueError(
                 f"UperNet expects images (B, 3, H, W) with H, W >= {MIN_INPUT_SIZE} (the backbone's stride), "
-                f"got shape {tuple(x.shape)}; pad or resize small images (mlla.dense.seg_eval pads them)"
+                f"got shape {tuple(x.shape)}; pad or resize small images (mlla.tasks.segmentation.evaluate pads them)"
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
@@ -197,7 +197,7 @@ def upernet_stats(model_name: str, img_size: tuple[int, int] = (512, 2048), num_
     """Parameters (M, auxiliary head included) and GMACs of one eval-mode forward pass at
     ``img_size`` (the auxiliary head does not run) of the ADE20K UperNet on ``model_name``,
     counted on the meta device (no memory, about a second)."""
-    from ..profiling import count_gmacs, count_params
+    from ...profiling import count_gmacs, count_params
 
     with torch.device("meta"):
         model = upernet(model_name, num_classes)

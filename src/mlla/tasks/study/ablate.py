@@ -33,10 +33,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ..checkpoint import atomic_save
-from ..engine.config import TrainConfig, resolve_config, save_yaml
-from ..models import PAPER_RESULTS, create_model
-from ..models.ablation import ABLATION_VARIANTS, variant_switches
+from ...checkpoint import atomic_save
+from ...engine.config import TrainConfig, resolve_config, save_yaml
+from ...models import PAPER_RESULTS, create_model
+from ...models.ablation import ABLATION_VARIANTS, variant_switches
 
 __all__ = [
     "DESIGNS",
@@ -114,7 +114,7 @@ class StudySpec:
         jobs: variants trained at once, each in its own process.
         threads: CPU threads per training process (default: the CPU count divided by ``jobs``).
         bench_batch, bench_rounds: batch and interleaved rounds of the throughput measurement.
-        study_data: size of the built-in task (:func:`mlla.data.study.make_study_dataset` arguments).
+        study_data: size of the built-in task (:func:`mlla.tasks.study.data.make_study_dataset` arguments).
     """
 
     output: Path
@@ -170,7 +170,7 @@ def _finished(cfg: TrainConfig) -> dict[str, Any] | None:
 def train_variant(cfg: TrainConfig) -> dict[str, Any] | None:
     """Train (or continue) one variant with :func:`mlla.engine.trainer.fit`; write its
     ``result.json`` when it finishes. Returns the result, or None when it was interrupted."""
-    from ..engine.trainer import fit
+    from ...engine.trainer import fit
 
     out = Path(cfg.output)
     wall_path = out / "study_wall.json"
@@ -200,7 +200,7 @@ def train_variant(cfg: TrainConfig) -> dict[str, Any] | None:
 
 def _class_count(out: Path) -> int:
     """The number of classes a variant's run was trained on (from its last checkpoint)."""
-    from ..checkpoint import read_checkpoint
+    from ...checkpoint import read_checkpoint
 
     return len(read_checkpoint(out / "last.pth")["class_to_idx"])
 
@@ -251,7 +251,7 @@ def _run_parallel(spec: StudySpec, pending: list[TrainConfig], bar: Any) -> bool
                     env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
                 log = open(out / "train.log", "a")
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "mlla.study.ablate", "--train-variant", str(out / "study_config.yaml"),
+                    [sys.executable, "-m", "mlla.tasks.study.ablate", "--train-variant", str(out / "study_config.yaml"),
                      "--threads", str(threads)],
                     env=env, stdout=log, stderr=subprocess.STDOUT,
                 )
@@ -294,7 +294,7 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]] | None:
     output = Path(spec.output)
     output.mkdir(parents=True, exist_ok=True)
     if spec.data_dir is None:
-        from ..data.study import make_study_dataset
+        from .data import make_study_dataset
 
         spec.data_dir = str(make_study_dataset(output / "study_data", progress=spec.progress, **spec.study_data))
     elif not Path(spec.data_dir).is_dir():
@@ -349,7 +349,7 @@ def measure_throughput(
     ``min_round_s`` per variant); the median per variant."""
     from tqdm import tqdm
 
-    from ..benchmark import make_step
+    from ...benchmark import make_step
 
     dev = torch.device(device)
     steps = {}
@@ -379,8 +379,8 @@ def measure_throughput(
 
 
 def _rows(spec: StudySpec, configs: Sequence[TrainConfig], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    from ..engine.distributed import pick_device
-    from ..profiling import count_gmacs, count_params
+    from ...engine.distributed import pick_device
+    from ...profiling import count_gmacs, count_params
 
     num_classes = results[configs[0].model]["num_classes"]
     device = str(pick_device(spec.device))

@@ -13,12 +13,13 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..checkpoint import CheckpointError, load_checkpoint
-from ..data import ImageFolderDataset, build_transform, collate_skipping, find_split, make_demo_dataset
-from ..models import create_model
-from .distributed import DistEnv
+from ...checkpoint import CheckpointError, load_checkpoint
+from ...data import ImageFolderDataset, build_transform, collate_skipping, find_split
+from .demo import make_demo_dataset
+from ...models import create_model
+from ...engine.distributed import DistEnv
 from .evaluate import evaluate
-from .task import Task
+from ...engine.task import Task
 
 __all__ = ["ClassificationTask"]
 

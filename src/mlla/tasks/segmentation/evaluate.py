@@ -23,9 +23,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..engine.distributed import DistEnv, all_reduce_sum
+from ...engine.distributed import DistEnv, all_reduce_sum
 from .ade import IGNORE_INDEX, rescale_size
-from .segmentation import MIN_INPUT_SIZE
+from .model import MIN_INPUT_SIZE
 
 __all__ = [
     "MS_RATIOS",
@@ -147,7 +147,7 @@ def segmentation_confusion(
     **inference: Any,
 ) -> tuple[torch.Tensor, int, int]:
     """``(confusion (K, K), images scored, samples skipped)`` over ``loader`` (batches of
-    :func:`~mlla.dense.ade.collate_segmentation`), summed over all processes.
+    :func:`~mlla.tasks.segmentation.ade.collate_segmentation`), summed over all processes.
     ``inference``: :func:`predict_probs` options."""
     was_training = model.training
     model.eval()

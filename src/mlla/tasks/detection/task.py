@@ -13,12 +13,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError
-from ..engine.distributed import DistEnv
-from ..engine.task import Task
+from ...checkpoint import CheckpointError
+from ...engine.distributed import DistEnv
+from ...engine.task import Task
 from .coco import COCO_METRICS, CocoDetection, coco_evaluate, collate_detection, detections_to_coco
 from .demo import make_det_demo_dataset
-from .detection import mask_rcnn
+from .model import mask_rcnn
 
 __all__ = ["DetectionTask", "coco_split_paths", "evaluate_detector"]
 

@@ -31,7 +31,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from ..data import IMG_EXTENSIONS
+from ...data import IMG_EXTENSIONS
 
 __all__ = [
     "IGNORE_INDEX",
@@ -142,7 +142,7 @@ def build_seg_transform(
     random crop of ``crop_size`` (``cat_max_ratio``), horizontal flip, photometric distortion
     (brightness, contrast, saturation, hue, each with probability 0.5), normalisation, padding
     to ``crop_size``. Evaluation: normalisation only (inference resizes, see
-    :mod:`mlla.dense.seg_eval`), the mask keeps the image's original size.
+    :mod:`mlla.tasks.segmentation.evaluate`), the mask keeps the image's original size.
     """
     normalize = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if not is_training:

@@ -22,9 +22,9 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool
 
-from ..checkpoint import unwrap_features_only
-from ..models import create_model
-from .backbone import load_backbone_checkpoint
+from ...checkpoint import unwrap_features_only
+from ...models import create_model
+from ...models.backbone import load_backbone_checkpoint
 
 __all__ = ["TimmFpnBackbone", "load_backbone_checkpoint", "mask_rcnn", "mask_rcnn_backbone"]
 

@@ -1,0 +1,1 @@
+"""Mask R-CNN detection and instance segmentation on COCO-format data (``mlla det``)."""

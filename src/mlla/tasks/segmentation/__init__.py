@@ -1,0 +1,1 @@
+"""UperNet semantic segmentation on ADE20K-layout data (``mlla seg``)."""
