@@ -112,12 +112,25 @@ def discard_failed_run(output: Path) -> bool:
 
 
 def find_resume(resume: str | None, output: Path) -> Path | None:
-    """The checkpoint to continue from: ``'auto'`` -> ``output/last.pth`` if present."""
+    """The checkpoint to continue from: ``'auto'`` -> ``output/last.pth`` if present (logged
+    either way: what it resumes from, or that it starts fresh and which checkpoints it found instead)."""
     if not resume:
         return None
     if resume == "auto":
         last = output / "last.pth"
-        return last if last.is_file() else None
+        if last.is_file():
+            _logger.info("--resume auto: continuing from %s", last)
+            return last
+        others = sorted(p.name for p in output.glob("*.pth")) if output.is_dir() else []
+        if others:
+            _logger.warning(
+                "--resume auto: no %s to continue from (found only %s, which keeps no optimizer state): starting fresh; "
+                "to start from its weights instead, give --initial-checkpoint %s and a new --output",
+                last, ", ".join(others), output / others[0],
+            )
+        else:
+            _logger.info("--resume auto: no checkpoint in %s yet, starting fresh", output)
+        return None
     path = Path(resume)
     if not path.is_file():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint")

@@ -1,10 +1,18 @@
-"""The training configuration: one flat set of fields (timm's flag names), resolved as
-defaults < preset < YAML file < command-line flags, and saved with the run."""
+"""The settings every training run shares, and the one resolver of a task's settings.
+
+:class:`TrainConfig` holds what the engine itself uses (model and data location, processes,
+optimizer, schedule, EMA, AMP, checkpoints, logging). Each task extends it with a dataclass of
+its own (:attr:`mlla.engine.task.Task.settings`) and declares its presets; a run's settings are
+resolved as defaults < preset < YAML file < command-line flags (:func:`resolve_config`) and saved
+with the run. Each field's ``metadata`` carries its help text and flag group, from which
+:mod:`mlla.engine.flags` writes the command-line flags.
+"""
 from __future__ import annotations
 
 import ast
 import dataclasses
 import difflib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,100 +21,83 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from ..checkpoint import atomic_save
-from .presets import get_preset
 
-__all__ = ["TrainConfig", "load_yaml", "parse_kwargs", "resolve_config", "save_yaml"]
+__all__ = ["TrainConfig", "load_yaml", "parse_kwargs", "resolve_config", "save_yaml", "setting"]
+
+_logger = logging.getLogger(__name__)
+
+
+def setting(default: Any = None, help: str = "", *, group: str, factory: Any = None, **flag: Any) -> Any:
+    """A settings field: its default (``factory`` for a mutable one), help text, flag group, and
+    extra :meth:`argparse.ArgumentParser.add_argument` options (``short``, ``choices``; ``flag=False``: no flag)."""
+    metadata = dict(help=help, group=group, **flag)
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_RUN, _MODEL, _DATA, _OPT, _EMA = "run", "model", "data", "optimizer and schedule (learning rates at a total batch of --lr-base-size)", "model EMA"
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run. Learning rates are given at a total batch of
+    """The settings shared by every task's run. Learning rates are given at a total batch of
     ``lr_base_size`` and scaled linearly with the actual total batch (``lr`` overrides)."""
 
-    # task and model
-    task: str = "classification"  # classification, detection, segmentation (mlla.engine.task.TASKS)
-    model: str | None = None
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    num_classes: int | None = None  # None: the number of class folders
-    drop_path: float | None = None  # None: the model's default
-    initial_checkpoint: str | None = None  # weights to start from (fine-tuning; new head allowed)
-    initial_checkpoint_ema: bool = False  # take initial_checkpoint's EMA weights, not its raw ones
-    grad_checkpointing: bool = False
-    channels_last: bool = False
-    sync_bn: bool = False
+    task: str = setting("task", "the task these settings are for (set by each task's settings class)", group=_RUN, flag=False)
+    # model
+    model: str | None = setting(None, "registered model name (see `mlla models`)", group=_MODEL)
+    model_kwargs: dict[str, Any] = setting(help="extra model arguments, e.g. embed_dim=32 depths=1,2,2,1", group=_MODEL, factory=dict)
+    num_classes: int | None = setting(None, "check the data has this many classes (default: as many as it has)", group=_MODEL)
+    drop_path: float | None = setting(None, "stochastic depth rate (default: the model's)", group=_MODEL)
+    initial_checkpoint: str | None = setting(None, "start from these weights (a training checkpoint gives its raw weights)", group=_MODEL)
+    grad_checkpointing: bool = setting(False, "recompute activations in backward (less memory)", group=_MODEL)
+    channels_last: bool = setting(False, "channels-last input memory format", group=_MODEL)
+    sync_bn: bool = setting(False, "BatchNorm statistics over all processes", group=_MODEL)
     # data
-    data_dir: str | None = None  # None: the generated demo dataset (mlla.tasks.classification.demo)
-    train_split: str = "train"
-    val_split: str = "val"
-    img_size: int = 224
-    workers: int | None = None  # loader processes per training process; None: up to 4, within the cores
-    max_failed_fraction: float = 0.01  # stop when more of an epoch's samples fail (unreadable, transform error)
+    data_dir: str | None = setting(None, "dataset root (default: generate the task's demo data in OUTPUT/demo_data)", group=_DATA)
+    train_split: str = setting("train", "training split folder", group=_DATA)
+    val_split: str = setting("val", "validation split folder", group=_DATA)
+    workers: int | None = setting(None, "data loading processes per training process (default: up to 4, no more than the cores)",
+                                  group=_DATA, short="-j")
+    max_failed_fraction: float = setting(0.01, "stop when more than this fraction of an epoch's samples (summed over all "
+                                         "processes) fail to load or transform; failed samples are skipped and logged",
+                                         group=_DATA)
     # run
-    output: str | None = None
-    resume: str | None = None  # 'auto' (output/last.pth if there), or a checkpoint path
-    seed: int = 0
-    device: str = "auto"
-    epochs: int = 300
-    batch_size: int = 128  # per process
-    save_every_steps: int = 0  # also checkpoint every N steps (0: at epoch ends only)
-    progress: bool = True
-    tensorboard: bool = False
+    output: str | None = setting(None, "run folder: config.yaml, last.pth, best.pth, metrics.* (default runs/MODEL)", group=_RUN)
+    resume: str | None = setting(None, "'auto' (OUTPUT/last.pth if there; says what it found) or a checkpoint path", group=_RUN)
+    seed: int = setting(0, "random seed", group=_RUN)
+    device: str = setting("auto", "auto, cpu, cuda", group=_RUN)
+    epochs: int = setting(300, "passes over the training data", group=_RUN)
+    batch_size: int = setting(128, "images per process and step", group=_RUN, short="-b")
+    save_every_steps: int = setting(0, "also save last.pth every N steps (0: at epoch ends only)", group=_RUN)
+    progress: bool = setting(True, "progress bars", group=_RUN)
+    tensorboard: bool = setting(False, "also log to OUTPUT/tensorboard (needs tensorboard)", group=_RUN)
     # optimizer and schedule
-    opt: str = "adamw"
-    opt_betas: tuple[float, float] = (0.9, 0.999)
-    opt_eps: float = 1e-8
-    weight_decay: float = 0.05
-    lr: float | None = None
-    lr_base: float = 5e-4
-    warmup_lr_base: float = 5e-7
-    min_lr_base: float = 5e-6
-    lr_base_size: int = 512
-    warmup_epochs: float = 20
-    warmup_steps: int | None = None  # overrides warmup_epochs
-    sched: str = "cosine"  # cosine, step (x decay_rate at each of decay_milestones) or poly
-    decay_milestones: tuple[float, ...] = ()  # epochs, for sched 'step'
-    decay_rate: float = 0.1
-    poly_power: float = 1.0
-    clip_grad: float | None = 5.0
-    amp: bool = True
-    amp_dtype: str = "auto"  # auto: bfloat16 (float16 on GPUs without bfloat16)
-    # augmentation and regularisation
-    no_aug: bool = False
-    scale: tuple[float, float] = (0.08, 1.0)
-    hflip: float = 0.5
-    aa: str | None = "rand-m9-mstd0.5-inc1"
-    color_jitter: float = 0.4
-    reprob: float = 0.25
-    remode: str = "pixel"
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    smoothing: float = 0.1
-    interpolation: str = "bicubic"
-    crop_pct: float = 0.875
-    # model EMA and MESA
-    model_ema: bool = True
-    model_ema_decay: float = 0.9996
-    model_ema_decay_batch: int = 4096  # decay is rescaled to decay ** (total batch / this); 0: as is
-    mesa: float = 0.0  # weight of the soft-target loss against the EMA model's predictions
-    mesa_start: float = 0.25  # fraction of the epochs after which MESA is on
-    # detection (task 'detection', mlla.dense)
-    det_min_sizes: tuple[int, ...] = tuple(range(480, 801, 32))  # shorter side: one sampled per batch; the last in evaluation
-    det_max_size: int = 1333  # cap on the longer side
-    det_skip_empty: bool = True  # leave training images without annotations out (counted)
-
-    # segmentation (task 'segmentation', mlla.dense): mmseg's ADE20K recipe
-    seg_crop_size: int = 512
-    seg_scale: tuple[int, int] = (2048, 512)  # (long, short) edge bounds of the keep-ratio resize
-    seg_ratio_range: tuple[float, float] = (0.5, 2.0)  # training resize ratios of seg_scale
-    seg_cat_max_ratio: float = 0.75  # crops where one class covers more are redrawn (1: off)
-    seg_reduce_zero_label: bool = True  # label 0 is unlabelled (ADE20K); labels shift by -1
-    seg_channels: int = 512  # UperNet width
-    seg_aux_channels: int = 256  # auxiliary FCN head width
-    seg_aux_weight: float = 0.4  # auxiliary loss weight (0: no auxiliary head)
-    seg_test_mode: str = "whole"  # validation inference: whole or slide
-    seg_stride: int = 341  # sliding-window stride (windows of seg_crop_size)
+    opt: str = setting("adamw", "timm optimizer name", group=_OPT)
+    opt_betas: tuple[float, float] = setting((0.9, 0.999), "optimizer betas", group=_OPT)
+    opt_eps: float = setting(1e-8, "optimizer epsilon", group=_OPT)
+    weight_decay: float = setting(0.05, "weight decay (not applied to norms and biases)", group=_OPT)
+    lr: float | None = setting(None, "absolute peak learning rate (overrides --lr-base scaling)", group=_OPT)
+    lr_base: float = setting(5e-4, "peak learning rate at a total batch of --lr-base-size", group=_OPT)
+    warmup_lr_base: float = setting(5e-7, "warm-up start rate at a total batch of --lr-base-size", group=_OPT)
+    min_lr_base: float = setting(5e-6, "final rate at a total batch of --lr-base-size", group=_OPT)
+    lr_base_size: int = setting(512, "the total batch the rates are given for", group=_OPT)
+    warmup_epochs: float = setting(20, "warm-up in epochs", group=_OPT)
+    warmup_steps: int | None = setting(None, "warm-up in optimizer steps (overrides --warmup-epochs)", group=_OPT)
+    sched: str = setting("cosine", "decay after the warm-up", group=_OPT, choices=("cosine", "step", "poly"))
+    decay_milestones: tuple[float, ...] = setting((), "epochs at which 'step' multiplies the rate by --decay-rate, e.g. 8,11", group=_OPT)
+    decay_rate: float = setting(0.1, "factor of each 'step' decay", group=_OPT)
+    poly_power: float = setting(1.0, "exponent of the 'poly' decay", group=_OPT)
+    clip_grad: float | None = setting(5.0, "gradient norm clip (none: off)", group=_OPT)
+    amp: bool = setting(True, "mixed precision", group=_OPT)
+    amp_dtype: str = setting("auto", "auto: bfloat16 (float16 on GPUs without bfloat16)", group=_OPT,
+                             choices=("auto", "bfloat16", "float16"))
+    # model EMA
+    model_ema: bool = setting(True, "keep an EMA of the weights (evaluated every epoch)", group=_EMA)
+    model_ema_decay: float = setting(0.9996, "EMA decay per step", group=_EMA)
+    model_ema_decay_batch: int = setting(4096, "total batch the decay is given for: it is rescaled to decay ** (total "
+                                         "batch / this); 0: as is", group=_EMA)
 
     def scaled_lrs(self, total_batch: int) -> tuple[float, float, float]:
         """``(lr, warmup_lr, min_lr)`` for ``total_batch`` images per optimizer step."""
@@ -125,15 +116,27 @@ class TrainConfig:
             return self.model_ema_decay
         return self.model_ema_decay ** (total_batch / self.model_ema_decay_batch)
 
+    def unused(self) -> set[str]:
+        """Settings these values make no use of (left out of ``--print-config``): the warm-up
+        epochs when warm-up steps are given, the decay knobs of other schedules, the EMA's without an EMA."""
+        unused = set()
+        if self.warmup_steps is not None:
+            unused.add("warmup_epochs")
+        if self.sched != "step":
+            unused |= {"decay_milestones", "decay_rate"}
+        if self.sched != "poly":
+            unused.add("poly_power")
+        if not self.model_ema:
+            unused |= {"model_ema_decay", "model_ema_decay_batch"}
+        return unused
+
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def _coerce(name: str, value: Any) -> Any:
-    default = getattr(TrainConfig(), name)
+def _coerce(cls: type[TrainConfig], name: str, value: Any) -> Any:
+    f = cls.__dataclass_fields__[name]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     if isinstance(default, tuple) and isinstance(value, (list, tuple)):
         return tuple(value)
     if name == "model_kwargs":
@@ -143,15 +146,30 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def _check_keys(values: Mapping[str, Any], source: str) -> None:
-    unknown = [k for k in values if k not in _FIELDS]
+def _check_keys(cls: type[TrainConfig], values: Mapping[str, Any], source: str) -> None:
+    fields = cls.__dataclass_fields__
+    unknown = [k for k in values if k not in fields]
     if unknown:
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, _FIELDS, 1)) else k for k in unknown]
-        raise ValueError(f"{source}: unknown setting(s) {', '.join(hints)}; see `mlla train --help`")
+        task = fields["task"].default
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, fields, 1)) else k for k in unknown]
+        raise ValueError(f"{source}: {', '.join(hints)} {'is not a setting' if len(unknown) == 1 else 'are not settings'} "
+                         f"of the {task} task; its settings are the flags of its train command's --help")
+
+
+def _from_saved_run(cls: type[TrainConfig], values: dict[str, Any], source: str) -> dict[str, Any]:
+    """A run saved before each task had its own settings wrote all tasks' settings in one flat
+    mapping: keep the ones ``cls`` has (a mapping holding every shared setting is such a file)."""
+    if not set(TrainConfig.__dataclass_fields__) <= set(values):
+        return values
+    other = sorted(k for k in values if k not in cls.__dataclass_fields__)
+    if other:
+        _logger.debug("%s: an older run's settings; %d that the %s task does not use are left out: %s",
+                      source, len(other), cls.__dataclass_fields__["task"].default, ", ".join(other))
+    return {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read training settings from a YAML mapping (keys are :class:`TrainConfig` fields)."""
+    """Read settings from a YAML mapping (keys as the fields of a task's settings)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -161,7 +179,6 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid YAML: {e}") from e
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of settings, got {type(values).__name__}")
-    _check_keys(values, str(path))
     return values
 
 
@@ -172,20 +189,39 @@ def save_yaml(cfg: TrainConfig, path: str | os.PathLike) -> Path:
 
 
 def resolve_config(
+    cls: type[TrainConfig],
+    presets: Mapping[str, Mapping[str, Any]] | None = None,
     preset: str | None = None,
     yaml_path: str | os.PathLike | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> TrainConfig:
-    """Defaults, then ``preset``, then the YAML file, then ``overrides`` (later wins)."""
-    values: dict[str, Any] = {}
+    """``cls``'s defaults, then preset ``preset`` of ``presets``, then the YAML file, then
+    ``overrides`` (later wins; ``model_kwargs`` are merged). A saved run's settings (``config.yaml``
+    or a checkpoint's ``config``) load as ``overrides`` or the YAML file, in today's form or the
+    flat one of older runs."""
+    task = cls.__dataclass_fields__["task"].default
+    layers: list[tuple[str, Mapping[str, Any]]] = []
     if preset:
-        values.update(get_preset(preset))
+        presets = presets or {}
+        if preset not in presets:
+            raise ValueError(f"unknown preset {preset!r} of the {task} task; choose one of {', '.join(presets) or 'none'}")
+        layers.append((f"preset {preset}", presets[preset]))
     if yaml_path:
-        values.update(load_yaml(yaml_path))
+        layers.append((str(yaml_path), load_yaml(yaml_path)))
     if overrides:
-        _check_keys(overrides, "overrides")
-        values.update(overrides)
-    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+        layers.append(("settings", overrides))
+    values: dict[str, Any] = {}
+    for source, layer in layers:
+        layer = _from_saved_run(cls, dict(layer), source)
+        _check_keys(cls, layer, source)
+        if layer.get("task", task) != task:
+            raise ValueError(f"{source} holds settings of the {layer['task']} task, not of the {task} task; "
+                             f"give it to that task's command")
+        if "model_kwargs" in layer and "model_kwargs" in values:
+            layer["model_kwargs"] = dict(values["model_kwargs"], **layer["model_kwargs"])
+        values.update(layer)
+    values.pop("task", None)
+    return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
 
 
 def parse_kwargs(items: Sequence[str]) -> dict[str, Any]:

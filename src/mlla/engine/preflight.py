@@ -9,17 +9,15 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
 
-from ..data import IMG_EXTENSIONS, available_cores, default_workers
+from ..data import available_cores, default_workers
 from .config import TrainConfig
+from .task import Task
 
-__all__ = ["MIN_IMG_SIZE", "SettingsError", "check_output", "check_schedule", "check_settings"]
+__all__ = ["SettingsError", "check_output", "check_schedule", "check_settings"]
 
 _logger = logging.getLogger(__name__)
 
-#: Smallest ``img_size``: MLLA downsamples by 32 (4 at the stem, 2 at each of three merges).
-MIN_IMG_SIZE = 32
 #: Warn when the scaled peak learning rate is below this fraction of ``lr_base`` (the recipe's
 #: value at its total batch): 1/8 is a total batch of 64 against the recipe's 512.
 _LOW_LR_FRACTION = 1 / 8
@@ -54,46 +52,6 @@ def check_output(output: Path) -> None:
         raise SettingsError(f"--output {output}: {existing} is not writable by this user; choose a folder you can write to")
 
 
-def _has_image(folder: Path) -> bool:
-    for _, _, files in os.walk(folder, followlinks=True):
-        if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
-            return True
-    return False
-
-
-def _check_image_folder(cfg: TrainConfig) -> list[str]:
-    """Refusals and warnings for ``cfg.data_dir`` as an ImageFolder (classification)."""
-    root = Path(cfg.data_dir)
-    layout = f"expected {root}/{cfg.train_split}/<class>/<images> (and {root}/{cfg.val_split}/<class>/<images>)"
-    if not root.is_dir():
-        raise SettingsError(f"--data-dir {root} does not exist or is not a folder; {layout}")
-    train = root / cfg.train_split
-    if not train.is_dir():
-        found = sorted(p.name for p in root.iterdir() if p.is_dir())
-        raise SettingsError(
-            f"--data-dir {root} has no '{cfg.train_split}' folder (found: {', '.join(found) or 'nothing'}); {layout}, "
-            f"or name the split with --train-split"
-        )
-    classes = sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
-    with_images = []
-    for c in classes:  # stop at two: enough to know, cheap on ImageNet
-        if _has_image(c):
-            with_images.append(c.name)
-            if len(with_images) == 2:
-                break
-    if not with_images:
-        raise SettingsError(
-            f"{train} holds no images in class folders ({len(classes)} class folders; images are "
-            f"{', '.join(IMG_EXTENSIONS)}); {layout}"
-        )
-    if len(with_images) == 1:
-        raise SettingsError(
-            f"{train} has images of one class only ({with_images[0]}): a classifier of one class learns nothing "
-            f"(its loss is 0 and its accuracy 100% from the start); add a folder per class, {layout}"
-        )
-    return []
-
-
 def _ineffective(cfg: TrainConfig, world_size: int) -> list[str]:
     """Warnings about settings that run but train badly."""
     warnings = []
@@ -123,21 +81,16 @@ def _ineffective(cfg: TrainConfig, world_size: int) -> list[str]:
 
 
 def check_settings(
-    cfg: TrainConfig, world_size: int = 1, *, output: Path | None = None, task: Any = None, log: bool = True
+    cfg: TrainConfig, world_size: int = 1, *, output: Path | None = None, task: Task | None = None, log: bool = True
 ) -> list[str]:
     """Check ``cfg`` before any work: raise :class:`SettingsError` (a ValueError) for settings that
     cannot work; return (and with ``log`` log) warnings, each with its fix.
 
-    ``output`` is the run folder (``--output``). The data folder is checked as an ImageFolder
-    when the run's ``task`` (default: the one ``cfg.task`` names) is classification.
+    ``output`` is the run folder (``--output``); ``task`` (a :class:`~mlla.engine.task.Task`)
+    adds its own checks of its settings and data (:meth:`~mlla.engine.task.Task.check_settings`).
     """
     _positive_int(cfg, "epochs", "--epochs", "give the number of passes over the training data, e.g. --epochs 30")
     _positive_int(cfg, "batch_size", "--batch-size", "give the images per process and step, e.g. -b 64")
-    if isinstance(cfg.img_size, bool) or not isinstance(cfg.img_size, int) or cfg.img_size < MIN_IMG_SIZE:
-        raise SettingsError(
-            f"--img-size must be a whole number of at least {MIN_IMG_SIZE} (the model downsamples by 32), "
-            f"got {cfg.img_size!r}; e.g. --img-size 224 (or 32 for tiny images)"
-        )
     if cfg.lr is not None:
         _positive_float(cfg.lr, "--lr", "e.g. --lr 5e-4, or leave it out to scale --lr-base with the batch")
     _positive_float(cfg.lr_base, "--lr-base", "the recipe's is 5e-4")
@@ -155,12 +108,7 @@ def check_settings(
         )
     if output is not None:
         check_output(output)
-    warnings = []
-    from ..tasks.classification.task import ClassificationTask
-
-    classifying = isinstance(task, ClassificationTask) if task is not None else cfg.task == "classification"
-    if cfg.data_dir is not None and classifying:
-        warnings += _check_image_folder(cfg)
+    warnings = task.check_settings() if task is not None else []
     warnings += _ineffective(cfg, world_size)
     if log:
         for w in warnings:

@@ -31,7 +31,7 @@ from .distributed import DistEnv, all_reduce_sum, convert_sync_batchnorm, destro
 from .metrics import MetricsLog, plot_metrics
 from .preflight import check_schedule, check_settings
 from .schedule import build_scheduler
-from .task import Task, build_task
+from .task import Task
 
 __all__ = ["Trainer", "fit"]
 
@@ -41,7 +41,7 @@ _logger = logging.getLogger(__name__)
 def fit(cfg: TrainConfig, *, task: Task | None = None, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train as ``cfg`` says (joining ``torchrun``'s process group if there is one).
 
-    ``task`` defaults to the one ``cfg.task`` names. ``on_step(global_step)`` is called after
+    ``task`` defaults to the one whose settings class ``cfg`` is. ``on_step(global_step)`` is called after
     every optimizer step. Returns a summary: ``status`` ('finished' or 'interrupted'),
     ``output``, ``epoch`` (epochs done), ``best`` (``score``: the best raw or EMA value of the
     task's ``best_metric``, or minus the training loss without validation, and its ``epoch``)
@@ -101,7 +101,7 @@ class Trainer:
             raise ValueError("no model given: pass --model NAME (see `mlla models`) or a --preset")
         self.cfg, self.env, self.on_step = cfg, env, on_step
         self.output = cfg.run_dir()
-        self.task = task or build_task(cfg)
+        self.task = task or Task.for_settings(cfg)
         check_settings(cfg, env.world_size, output=self.output, task=self.task, log=env.is_main)  # before any work
         self.resume_from = find_resume(cfg.resume, self.output)
         if self.resume_from is None and (self.output / "last.pth").is_file():

@@ -4,36 +4,87 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ...checkpoint import CheckpointError, load_checkpoint
-from ...data import ImageFolderDataset, build_transform, collate_skipping, find_split
-from .demo import make_demo_dataset
-from ...models import create_model
+from ...data import IMG_EXTENSIONS, ImageFolderDataset, build_transform, collate_skipping, find_split
 from ...engine.distributed import DistEnv
-from .evaluate import evaluate
+from ...engine.preflight import SettingsError
 from ...engine.task import Task
+from ...models import create_model
+from ..registry import register_task
+from .demo import make_demo_dataset
+from .evaluate import evaluate
+from .settings import PRESETS, ClassificationConfig, default_preset
 
-__all__ = ["ClassificationTask"]
+__all__ = ["ClassificationTask", "check_image_folder"]
 
 _logger = logging.getLogger(__name__)
 
+#: Smallest ``img_size``: MLLA downsamples by 32 (4 at the stem, 2 at each of three merges).
+MIN_IMG_SIZE = 32
 
+
+def _has_image(folder: Path) -> bool:
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
+            return True
+    return False
+
+
+def check_image_folder(cfg: ClassificationConfig) -> None:
+    """Refuse ``cfg.data_dir`` unless it is an ImageFolder with images of two classes or more."""
+    root = Path(cfg.data_dir)
+    layout = f"expected {root}/{cfg.train_split}/<class>/<images> (and {root}/{cfg.val_split}/<class>/<images>)"
+    if not root.is_dir():
+        raise SettingsError(f"--data-dir {root} does not exist or is not a folder; {layout}")
+    train = root / cfg.train_split
+    if not train.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise SettingsError(
+            f"--data-dir {root} has no '{cfg.train_split}' folder (found: {', '.join(found) or 'nothing'}); {layout}, "
+            f"or name the split with --train-split"
+        )
+    classes = sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    with_images = []
+    for c in classes:  # stop at two: enough to know, cheap on ImageNet
+        if _has_image(c):
+            with_images.append(c.name)
+            if len(with_images) == 2:
+                break
+    if not with_images:
+        raise SettingsError(
+            f"{train} holds no images in class folders ({len(classes)} class folders; images are "
+            f"{', '.join(IMG_EXTENSIONS)}); {layout}"
+        )
+    if len(with_images) == 1:
+        raise SettingsError(
+            f"{train} has images of one class only ({with_images[0]}): a classifier of one class learns nothing "
+            f"(its loss is 0 and its accuracy 100% from the start); add a folder per class, {layout}"
+        )
+
+
+@register_task
 class ClassificationTask(Task):
     """Classify images of an ImageFolder (``DIR/train/<class>/*``, ``DIR/val/<class>/*``)."""
 
     name = "classification"
+    settings = ClassificationConfig
+    presets = PRESETS
+    state_keys = ("class_to_idx",)
+    evaluator = staticmethod(evaluate)
     best_metric = "top1"
     best_metric_label = "top-1 (%)"
+    cfg: ClassificationConfig
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg: ClassificationConfig) -> None:
         super().__init__(cfg)
         self.class_to_idx: dict[str, int] = {}
         self.mixup: Mixup | None = None
@@ -46,6 +97,21 @@ class ClassificationTask(Task):
     @property
     def num_classes(self) -> int:
         return len(self.class_to_idx)
+
+    @classmethod
+    def default_preset(cls, given: dict[str, Any]) -> str | None:
+        return default_preset(given)
+
+    def check_settings(self) -> list[str]:
+        cfg = self.cfg
+        if isinstance(cfg.img_size, bool) or not isinstance(cfg.img_size, int) or cfg.img_size < MIN_IMG_SIZE:
+            raise SettingsError(
+                f"--img-size must be a whole number of at least {MIN_IMG_SIZE} (the model downsamples by 32), "
+                f"got {cfg.img_size!r}; e.g. --img-size 224 (or 32 for tiny images)"
+            )
+        if cfg.data_dir is not None:
+            check_image_folder(cfg)
+        return []
 
     def make_demo_data(self, root: Path, *, progress: bool) -> Path:
         return make_demo_dataset(root, progress=progress)
@@ -116,25 +182,17 @@ class ClassificationTask(Task):
             loss = loss + self.cfg.mesa * self.mesa_criterion(logits.float(), teacher)
         return loss, {}
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        loader: DataLoader,
-        env: DistEnv,
-        *,
-        autocast: Callable[[], ContextManager],
-        progress: bool,
-        desc: str,
-    ) -> dict[str, float]:
-        metrics = evaluate(model, loader, env, autocast=autocast, channels_last=self.cfg.channels_last, progress=progress, desc=desc)
-        metrics.pop("images")
-        return metrics
+    def evaluate_options(self) -> dict[str, Any]:
+        return dict(channels_last=self.cfg.channels_last)
 
     def describe(self, metrics: dict[str, float]) -> str:
         return f"loss {metrics['loss']:.4f} top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%"
 
     def state(self) -> dict[str, Any]:
         return dict(class_to_idx=self.class_to_idx)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.class_to_idx = dict(state["class_to_idx"])
 
     def check_resume(self, checkpoint: dict[str, Any], path: Path) -> None:
         saved = checkpoint.get("class_to_idx")

@@ -16,9 +16,11 @@ from tqdm import tqdm
 from ...checkpoint import CheckpointError
 from ...engine.distributed import DistEnv
 from ...engine.task import Task
+from ..registry import register_task
 from .coco import COCO_METRICS, CocoDetection, coco_evaluate, collate_detection, detections_to_coco
 from .demo import make_det_demo_dataset
 from .model import mask_rcnn
+from .settings import DET_PRESETS, DetectionConfig, default_preset
 
 __all__ = ["DetectionTask", "coco_split_paths", "evaluate_detector"]
 
@@ -90,28 +92,32 @@ def evaluate_detector(
     return dict(result[0], images=len(image_ids), skipped=skipped)
 
 
+@register_task
 class DetectionTask(Task):
-    """Mask R-CNN on COCO-format data (``DIR/annotations/instances_<split>.json``, ``DIR/<split>/``).
-
-    Settings from :class:`~mlla.engine.config.TrainConfig`: ``model`` (backbone name),
-    ``model_kwargs`` (more :func:`~.detection.mask_rcnn` options, e.g. ``fpn_channels``,
-    ``backbone_kwargs``), ``drop_path``, ``initial_checkpoint`` (backbone weights),
-    ``train_split``/``val_split``, ``hflip``, ``det_min_sizes`` (shorter side, sampled per
-    batch in training; the last one in evaluation), ``det_max_size``, ``det_skip_empty``.
-    """
+    """Mask R-CNN on COCO-format data (``DIR/annotations/instances_<split>.json``, ``DIR/<split>/``),
+    with the settings of :class:`~.settings.DetectionConfig`."""
 
     name = "detection"
+    settings = DetectionConfig
+    presets = DET_PRESETS
+    state_keys = ("categories",)
+    evaluator = staticmethod(evaluate_detector)
     best_metric = "bbox_AP"
     best_metric_label = "box AP"
     find_unused_parameters = False
+    cfg: DetectionConfig
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg: DetectionConfig) -> None:
         super().__init__(cfg)
         self.categories: list[dict[str, Any]] = []
 
     @property
     def num_classes(self) -> int:
         return len(self.categories)
+
+    @classmethod
+    def default_preset(cls, given: dict[str, Any]) -> str | None:
+        return default_preset(given)
 
     def make_demo_data(self, root: Path, *, progress: bool) -> Path:
         return make_det_demo_dataset(root, progress=progress)
@@ -124,11 +130,14 @@ class DetectionTask(Task):
         if cfg.num_classes is not None and cfg.num_classes != self.num_classes:
             raise ValueError(f"--num-classes {cfg.num_classes} but {ann} has {self.num_classes} categories")
         try:
-            ann, images = coco_split_paths(data_dir, cfg.val_split)
+            return train_set, self.build_eval_dataset(data_dir, cfg.val_split)
         except FileNotFoundError as e:
             _logger.warning("%s: training without validation (best.pth follows the training loss)", e)
             return train_set, None
-        return train_set, CocoDetection(ann, images, categories=self.categories)
+
+    def build_eval_dataset(self, data_dir: Path, split: str) -> CocoDetection:
+        ann, images = coco_split_paths(data_dir, split)
+        return CocoDetection(ann, images, categories=self.categories)
 
     def collate(self, samples: list[Any]) -> tuple[list[torch.Tensor], list[dict[str, Any]], int]:
         return collate_detection(samples)
@@ -147,26 +156,15 @@ class DetectionTask(Task):
         loss = sum(v.float() for v in losses.values())
         return loss, {k: v.item() for k, v in losses.items()}
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        loader: DataLoader,
-        env: DistEnv,
-        *,
-        autocast: Callable[[], ContextManager],
-        progress: bool,
-        desc: str,
-    ) -> dict[str, float]:
-        metrics = evaluate_detector(model, loader, env, autocast=autocast, progress=progress, desc=desc)
-        metrics.pop("images")
-        return metrics
-
     def describe(self, metrics: dict[str, float]) -> str:
         return (f"box AP {metrics['bbox_AP']:.1f} (AP50 {metrics['bbox_AP50']:.1f}), "
                 f"mask AP {metrics['segm_AP']:.1f} (AP50 {metrics['segm_AP50']:.1f})")
 
     def state(self) -> dict[str, Any]:
         return dict(categories=self.categories)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.categories = list(state["categories"])
 
     def check_resume(self, checkpoint: dict[str, Any], path: Path) -> None:
         saved = checkpoint.get("categories")

@@ -2,28 +2,26 @@
 MLLA backbone, cross-entropy of the main and auxiliary heads, mIoU / mAcc / aAcc."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
-from ...checkpoint import CheckpointError, read_checkpoint
-from ...engine.config import resolve_config
+from ...checkpoint import CheckpointError
 from ...engine.distributed import DistEnv
 from ...engine.task import Task
+from ..registry import register_task
 from .ade import IGNORE_INDEX, SegmentationDataset, build_seg_transform, collate_segmentation
 from .demo import make_seg_demo_dataset
 from .evaluate import evaluate_segmentation
 from .model import UperNet, load_upernet_weights, upernet
+from .settings import PRESETS, SegmentationConfig, default_preset
 
-__all__ = ["SegmentationTask", "read_class_names", "segmentation_loss", "segmenter_from_checkpoint"]
+__all__ = ["SegmentationTask", "read_class_names", "segmentation_loss"]
 
 _logger = logging.getLogger(__name__)
 
@@ -48,15 +46,22 @@ def segmentation_loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor
     return total / (masks != IGNORE_INDEX).sum().clamp_min(1)
 
 
+@register_task
 class SegmentationTask(Task):
     """Label every pixel of ADE20K-layout data (``images/`` and ``annotations/``, each with
-    ``training/`` and ``validation/``); ``best.pth`` follows the validation mIoU."""
+    ``training/`` and ``validation/``), with the settings of :class:`~.settings.SegmentationConfig`;
+    ``best.pth`` follows the validation mIoU."""
 
     name = "segmentation"
+    settings = SegmentationConfig
+    presets = PRESETS
+    state_keys = ("seg_classes",)
+    evaluator = staticmethod(evaluate_segmentation)
     best_metric = "mIoU"
     best_metric_label = "mIoU (%)"
+    cfg: SegmentationConfig
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg: SegmentationConfig) -> None:
         super().__init__(cfg)
         if cfg.seg_test_mode not in ("whole", "slide"):
             raise ValueError(f"--seg-test-mode must be 'whole' or 'slide', got {cfg.seg_test_mode!r}")
@@ -65,6 +70,10 @@ class SegmentationTask(Task):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @classmethod
+    def default_preset(cls, given: dict[str, Any]) -> str | None:
+        return default_preset(given)
 
     def make_demo_data(self, root: Path, *, progress: bool) -> Path:
         return make_seg_demo_dataset(root, progress=progress)
@@ -85,12 +94,16 @@ class SegmentationTask(Task):
             True, crop_size=cfg.seg_crop_size, scale=cfg.seg_scale, ratio_range=cfg.seg_ratio_range,
             cat_max_ratio=cfg.seg_cat_max_ratio, hflip=cfg.hflip, photometric=not cfg.no_aug,
         )
-        common = dict(num_classes=num_classes, reduce_zero_label=cfg.seg_reduce_zero_label)
-        train_set = SegmentationDataset(data_dir, cfg.train_split, train_tf, replace_bad=True, seed=cfg.seed, **common)
+        train_set = SegmentationDataset(data_dir, cfg.train_split, train_tf, replace_bad=True, seed=cfg.seed,
+                                        num_classes=num_classes, reduce_zero_label=cfg.seg_reduce_zero_label)
         if not (data_dir / "images" / cfg.val_split).is_dir():
             _logger.warning("%s has no images/%s: training without validation", data_dir, cfg.val_split)
             return train_set, None
-        return train_set, SegmentationDataset(data_dir, cfg.val_split, build_seg_transform(False), **common)
+        return train_set, self.build_eval_dataset(data_dir, cfg.val_split)
+
+    def build_eval_dataset(self, data_dir: Path, split: str) -> SegmentationDataset:
+        return SegmentationDataset(data_dir, split, build_seg_transform(False), num_classes=self.num_classes,
+                                   reduce_zero_label=self.cfg.seg_reduce_zero_label)
 
     def collate(self, samples: list[Any]) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
         return collate_segmentation(samples)
@@ -130,27 +143,17 @@ class SegmentationTask(Task):
         cfg = self.cfg
         return dict(scale=cfg.seg_scale, mode=cfg.seg_test_mode, crop_size=cfg.seg_crop_size, stride=cfg.seg_stride)
 
-    def evaluate(
-        self,
-        model: nn.Module,
-        loader: DataLoader,
-        env: DistEnv,
-        *,
-        autocast: Callable[[], ContextManager],
-        progress: bool,
-        desc: str,
-    ) -> dict[str, float]:
-        metrics = evaluate_segmentation(
-            model, loader, self.num_classes, env, progress=progress, desc=desc, autocast=autocast, **self.inference_options()
-        )
-        metrics.pop("images")
-        return metrics
+    def evaluate_options(self) -> dict[str, Any]:
+        return dict(self.inference_options(), num_classes=self.num_classes)
 
     def describe(self, metrics: dict[str, float]) -> str:
         return f"mIoU {metrics['mIoU']:.2f}% mAcc {metrics['mAcc']:.2f}% aAcc {metrics['aAcc']:.2f}%"
 
     def state(self) -> dict[str, Any]:
         return dict(seg_classes=list(self.classes))
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.classes = list(state["seg_classes"])
 
     def check_resume(self, checkpoint: dict[str, Any], path: Path) -> None:
         saved = checkpoint.get("seg_classes")
@@ -159,23 +162,3 @@ class SegmentationTask(Task):
                 f"{path} was trained on {len(saved)} classes but the data has {self.num_classes} (or other names); "
                 f"resume on the same data, or start from it with --initial-checkpoint {path} and a new --output"
             )
-
-
-def segmenter_from_checkpoint(path: str | os.PathLike, *, use_ema: bool = False) -> tuple[UperNet, SegmentationTask]:
-    """The model (eval mode, on the CPU) and its task (settings, class names) of a
-    ``mlla seg train`` checkpoint (``last.pth`` or ``best.pth``); ``use_ema``: its EMA weights."""
-    ckpt = read_checkpoint(path)
-    if not isinstance(ckpt.get("config"), dict) or "seg_classes" not in ckpt:
-        raise CheckpointError(f"{path} is not a `mlla seg train` checkpoint (it has no run settings and class names)")
-    cfg = dataclasses.replace(resolve_config(overrides=ckpt["config"]), initial_checkpoint=None)
-    task = SegmentationTask(cfg)
-    task.classes = list(ckpt["seg_classes"])
-    model = task.build_model()
-    weights = ckpt.get("model_ema") if use_ema else ckpt.get("model")
-    if not isinstance(weights, dict):
-        raise CheckpointError(f"{path} holds no {'EMA ' if use_ema else ''}weights" + ("; drop --use-ema" if use_ema else ""))
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit the model its settings describe: {str(e).splitlines()[0]}") from e
-    return model.eval(), task

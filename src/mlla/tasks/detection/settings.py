@@ -1,11 +1,33 @@
-"""Detection recipe presets for ``mlla det train``: the paper's COCO Mask R-CNN schedules
-(SPEC section 5) and the built-in demo. Plain dicts of :class:`~mlla.engine.config.TrainConfig`
-fields, applied over the defaults; a YAML file and command-line flags are applied over them."""
+"""Settings of the detection task (``mlla det train``): the shared run settings plus the
+multi-scale input sizes, flips and empty-image handling; the paper's COCO Mask R-CNN schedules
+(SPEC section 5) and the built-in demo as presets."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["DET_PRESETS", "get_det_preset"]
+from ...engine.config import TrainConfig, setting
+
+__all__ = ["DET_PRESETS", "DetectionConfig", "default_preset"]
+
+
+@dataclass
+class DetectionConfig(TrainConfig):
+    """:class:`~mlla.engine.config.TrainConfig` and what detection adds. ``model`` names the
+    backbone; ``model_kwargs`` are more :func:`~mlla.tasks.detection.model.mask_rcnn` options
+    (e.g. ``fpn_channels``, ``backbone_kwargs``); ``initial_checkpoint`` gives backbone weights."""
+
+    task: str = setting("detection", group="run", flag=False)
+    hflip: float = setting(0.5, "horizontal flip probability", group="data")
+    det_min_sizes: tuple[int, ...] = setting(tuple(range(480, 801, 32)), "shorter image side, one sampled per batch in "
+                                             "training (the last in evaluation), e.g. 480,512,...,800", group="data")
+    det_max_size: int = setting(1333, "cap on the longer image side", group="data")
+    det_skip_empty: bool = setting(True, "leave training images without annotations out (counted)", group="data")
+
+    def run_dir(self) -> Path:
+        """The run folder: ``output``, or ``runs/det-<model>``."""
+        return Path(self.output) if self.output else Path("runs") / f"det-{self.model or 'model'}"
 
 # The paper's Mask R-CNN recipe (mmdetection's 1x/3x schedules): AdamW lr 1e-4 at 16 images per
 # step (scaled linearly with the actual total batch), weight decay 0.05 (none on norms and
@@ -13,7 +35,6 @@ __all__ = ["DET_PRESETS", "get_det_preset"]
 # training (shorter side 480-800 in steps of 32, longer side at most 1333), horizontal flip,
 # evaluation at 800 x 1333. 16 images = 8 GPUs x 2 (torchrun --nproc_per_node 8).
 _COCO = dict(
-    task="detection",
     model="mlla_tiny",
     train_split="train2017",
     val_split="val2017",
@@ -79,8 +100,6 @@ DET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def get_det_preset(name: str) -> dict[str, Any]:
-    """A copy of detection preset ``name``; raises ValueError listing the presets for an unknown name."""
-    if name not in DET_PRESETS:
-        raise ValueError(f"unknown detection preset {name!r}; choose one of {', '.join(DET_PRESETS)}")
-    return dict(DET_PRESETS[name])
+def default_preset(given: dict[str, Any]) -> str:
+    """Without --preset and --config: coco-1x with --data-dir, the demo without."""
+    return "coco-1x" if "data_dir" in given else "demo"

@@ -1,0 +1,88 @@
+"""What the task commands share: a training command written from a task's settings
+(``mlla train``, ``mlla det train``, ``mlla seg train``), the arguments of evaluating a run's
+checkpoint (``det eval``, ``seg eval``) and of drawing predictions, and the failed-input limit."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from ..engine.task import Task
+
+__all__ = ["MAX_FAILED_HELP", "add_eval_arguments", "add_train_command", "check_failed", "eval_loader"]
+
+_logger = logging.getLogger(__name__)
+
+MAX_FAILED_HELP = ("stop when more than this fraction of the samples (summed over all processes) fail to load or "
+                   "transform (default 0.01; failed samples are skipped, counted and logged)")
+
+
+def add_train_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    task: type[Task],
+    *,
+    report: Callable[[dict[str, Any]], None],
+    preset_help: str,
+    **parser_options: Any,
+) -> argparse.ArgumentParser:
+    """The training command ``name`` of ``task``: a flag per setting, the task's presets;
+    ``report(summary)`` prints the result of :func:`~mlla.engine.trainer.fit`."""
+    from ..engine.flags import add_settings_arguments
+    from ..tasks import TASKS
+
+    p = subparsers.add_parser(name, argument_default=argparse.SUPPRESS, **parser_options)
+    add_settings_arguments(p, task, others=TASKS, preset_help=preset_help)
+    p.set_defaults(func=lambda args: _train(task, args, report))
+    return p
+
+
+def _train(task: type[Task], args: argparse.Namespace, report: Callable[[dict[str, Any]], None]) -> int:
+    from ..engine.flags import print_settings, settings_from_args
+    from ..engine.trainer import fit
+
+    cfg = settings_from_args(task, args)
+    if getattr(args, "print_config", False):
+        print_settings(cfg)
+        return 0
+    summary = fit(cfg, task=task(cfg))
+    if summary["status"] == "finished":
+        report(summary)
+    return 0
+
+
+def add_eval_arguments(p: argparse.ArgumentParser, run: str) -> None:
+    """``--checkpoint``, where the data is (by default the run's) and how to run the evaluation:
+    the same for every task's ``eval`` command (``run``: the training command, for the help)."""
+    p.add_argument("--checkpoint", required=True, help=f"last.pth or best.pth of a `{run}` run")
+    p.add_argument("--data-dir", help="dataset folder (default: the run's, or its generated demo data)")
+    p.add_argument("--split", help="split to evaluate (default: the run's validation split)")
+    p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights")
+    p.add_argument("-b", "--batch-size", type=int, default=2, help="images per step (default 2)")
+    p.add_argument("-j", "--workers", type=int, default=2, help="data loading processes (default 2)")
+    p.add_argument("--max-failed-fraction", type=float, default=0.01, help=MAX_FAILED_HELP)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def eval_loader(task: Task, args: argparse.Namespace) -> tuple[Any, Path, str]:
+    """``(loader, data folder, split)`` of an ``eval`` command: the flags' data, else the run's."""
+    from ..data import build_loader
+
+    cfg = task.cfg
+    data_dir = Path(args.data_dir or cfg.data_dir or cfg.run_dir() / "demo_data")
+    split = args.split or cfg.val_split
+    dataset = task.build_eval_dataset(data_dir, split)
+    loader = build_loader(dataset, args.batch_size, is_training=False, workers=args.workers, seed=0,
+                          collate_fn=task.collate, max_failed_fraction=args.max_failed_fraction)
+    return loader, data_dir, split
+
+
+def check_failed(failed: int, total: int, limit: float) -> None:
+    """Raise when more than ``limit`` of ``total`` inputs failed (``predict`` commands)."""
+    if failed > limit * total:
+        raise RuntimeError(f"{failed} of {total} images could not be read (see the warnings), more than "
+                           f"--max-failed-fraction {limit:g} allows; fix or remove them, or raise --max-failed-fraction")
