@@ -179,10 +179,10 @@ def _same_weights(model, reference) -> bool:
 
 def _train_config(tmp_path, checkpoint, **kw):
     from mlla.tasks.classification import DEMO_CLASSES, make_demo_dataset
-    from mlla.engine import TrainConfig
+    from mlla.tasks.classification.settings import ClassificationConfig
 
     data = make_demo_dataset(tmp_path / "data", 1, 1, classes=DEMO_CLASSES[:4], progress=False)
-    return TrainConfig(model="test_mlla", data_dir=str(data), output=str(tmp_path / "run"), batch_size=1, img_size=32,
+    return ClassificationConfig(model="test_mlla", data_dir=str(data), output=str(tmp_path / "run"), batch_size=1, img_size=32,
                        workers=0, progress=False, model_ema=False, mixup=0.0, cutmix=0.0,
                        initial_checkpoint=str(checkpoint), **kw)
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from mlla.tasks.classification import DEMO_CLASSES, make_demo_dataset
-from mlla.engine import TrainConfig, fit, save_yaml
+from mlla.engine import fit, save_yaml
+from mlla.tasks.classification.settings import ClassificationConfig
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_total_batch(tmp_path):
@@ -19,7 +20,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_total_batch(tmp_path
     # Augmentation and other per-process randomness off; EMA, MESA and clipping on. SGD rather
     # than AdamW: Adam divides by the root of the squared gradients, which turns the last-bit
     # differences of a two-process gradient sum into visible ones for near-zero gradients.
-    cfg = TrainConfig(
+    cfg = ClassificationConfig(
         model="test_mlla", data_dir=str(data), epochs=2, batch_size=8, img_size=32, workers=0, progress=False,
         amp=False, opt="sgd", lr=2e-3, warmup_epochs=0.5, crop_pct=1.0, no_aug=True, mixup=0.0, cutmix=0.0, drop_path=0.0,
         sync_bn=True, model_ema=True, model_ema_decay=0.9, model_ema_decay_batch=0, mesa=1.0, mesa_start=0.5,

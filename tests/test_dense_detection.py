@@ -308,9 +308,9 @@ def det_data(tmp_path_factory):
 
 
 def tiny_config(data: Path, output: Path, **kw):
-    from mlla.engine.config import resolve_config
+    from mlla.tasks import DetectionTask
 
-    return resolve_config(None, None, dict(TINY_RUN, data_dir=str(data), output=str(output), **kw))
+    return DetectionTask.resolve_settings(overrides=dict(TINY_RUN, data_dir=str(data), output=str(output), **kw))
 
 
 def test_detection_trains_in_the_one_engine_with_ap_metrics_and_checkpoints(det_data, tmp_path):
@@ -331,9 +331,9 @@ def test_detection_trains_in_the_one_engine_with_ap_metrics_and_checkpoints(det_
 
 _KILL_SCRIPT = """
 import os, signal, sys
-from mlla.engine.config import resolve_config
 from mlla.engine.trainer import fit
-cfg = resolve_config(None, None, {config})
+from mlla.tasks import DetectionTask
+cfg = DetectionTask.resolve_settings(overrides={config})
 fit(cfg, on_step=lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == 3 else None)
 """
 

@@ -20,7 +20,8 @@ from mlla.tasks.segmentation.demo import SEG_DEMO_CLASSES, make_seg_demo_dataset
 from mlla.tasks.segmentation.evaluate import (
     MS_RATIOS, confusion_matrix, evaluate_segmentation, predict_probs, segmentation_metrics, slide_logits, whole_logits,
 )
-from mlla.engine import TrainConfig, fit
+from mlla.engine import fit
+from mlla.tasks.segmentation.settings import SegmentationConfig
 from mlla.data import build_loader
 
 from conftest import reference_case
@@ -141,7 +142,7 @@ def test_evaluate_returns_the_documented_structure_with_hand_computed_scores(tmp
 def test_training_steps_lower_the_loss(demo):
     from mlla.tasks.segmentation.task import SegmentationTask
 
-    cfg = TrainConfig(task="segmentation", model="test_mlla", seg_channels=16, seg_aux_channels=8, seg_crop_size=32,
+    cfg = SegmentationConfig(model="test_mlla", seg_channels=16, seg_aux_channels=8, seg_crop_size=32,
                       seg_scale=(64, 32), train_split="training", val_split="validation")
     task = SegmentationTask(cfg)
     train_set, val_set = task.build_datasets(demo, mlla.engine.distributed.DistEnv())
@@ -214,12 +215,12 @@ def test_classification_checkpoint_initialises_the_backbone(tmp_path):
         upernet("test_mlla", 4, backbone_checkpoint=path, **TINY)
 
 
-def _seg_config(data: Path, output: Path, **kw) -> TrainConfig:
+def _seg_config(data: Path, output: Path, **kw) -> SegmentationConfig:
     base = dict(task="segmentation", model="test_mlla", data_dir=str(data), output=str(output), epochs=2, batch_size=4,
                 workers=0, progress=False, amp=False, lr=2e-3, warmup_steps=1, sched="poly", seg_channels=16,
                 seg_aux_channels=8, seg_crop_size=32, seg_scale=(64, 32), train_split="training",
                 val_split="validation", model_ema=False, drop_path=0.0)
-    return TrainConfig(**{**base, **kw})
+    return SegmentationConfig(**{**base, **kw})
 
 
 class _Killed(Exception):

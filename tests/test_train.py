@@ -14,16 +14,17 @@ import torch
 
 import mlla
 from mlla.tasks.classification import DEMO_CLASSES, make_demo_dataset
-from mlla.engine import TrainConfig, fit
+from mlla.engine import fit
+from mlla.tasks.classification.settings import ClassificationConfig
 from mlla.tasks.classification import task as classification_module
 
 
-def _config(data: Path, output: Path, **kw) -> TrainConfig:
+def _config(data: Path, output: Path, **kw) -> ClassificationConfig:
     base = dict(
         model="test_mlla", data_dir=str(data), output=str(output), epochs=2, batch_size=4, img_size=32,
         workers=0, progress=False, amp=False, lr=1e-3, warmup_epochs=0.5, crop_pct=1.0,
     )
-    return TrainConfig(**{**base, **kw})
+    return ClassificationConfig(**{**base, **kw})
 
 
 def _rows(output: Path) -> list[dict]:
@@ -167,7 +168,7 @@ def test_step_and_poly_schedules_follow_the_recipes(data4):
     from mlla.engine.schedule import build_scheduler
 
     def lrs(**kw):
-        cfg = TrainConfig(model="test_mlla", epochs=12, lr=1e-4, lr_base=1e-4, warmup_lr_base=1e-7, min_lr_base=0.0, **kw)
+        cfg = ClassificationConfig(model="test_mlla", epochs=12, lr=1e-4, lr_base=1e-4, warmup_lr_base=1e-7, min_lr_base=0.0, **kw)
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
         scheduler, warmup = build_scheduler(opt, cfg, steps_per_epoch=10, warmup_lr=1e-7, min_lr=0.0)
         out = []
@@ -215,7 +216,7 @@ class _MeanColourTask(mlla.engine.Task):
 
 def test_a_new_task_plugs_into_the_one_engine(tmp_path):
     out = tmp_path / "run"
-    cfg = TrainConfig(model="custom", data_dir=str(tmp_path), output=str(out), epochs=3, batch_size=4, workers=0,
+    cfg = ClassificationConfig(model="custom", data_dir=str(tmp_path), output=str(out), epochs=3, batch_size=4, workers=0,
                       progress=False, amp=False, lr=1e-2, warmup_epochs=0, model_ema=True, model_ema_decay=0.5,
                       model_ema_decay_batch=0, sched="step", decay_milestones=(2,))
     summary = fit(cfg, task=_MeanColourTask(cfg))

@@ -7,12 +7,17 @@ import pytest
 import yaml
 
 from mlla.cli import build_parser, main
-from mlla.commands.train import config_from_args
-from mlla.engine import PRESETS, TrainConfig, load_yaml, parse_kwargs, resolve_config, save_yaml
+from mlla.engine import load_yaml, parse_kwargs, save_yaml
+from mlla.engine.flags import settings_from_args
+from mlla.tasks import ClassificationTask
+from mlla.tasks.classification.settings import PRESETS, ClassificationConfig
+
+resolve_config = ClassificationTask.resolve_settings
+TrainConfig = ClassificationConfig
 
 
-def _cfg(*argv: str) -> TrainConfig:
-    return config_from_args(build_parser().parse_args(["train", *argv]))
+def _cfg(*argv: str) -> ClassificationConfig:
+    return settings_from_args(ClassificationTask, build_parser().parse_args(["train", *argv]))
 
 
 def test_recipe_presets_follow_the_paper():
@@ -40,7 +45,9 @@ def test_the_models_own_preset_and_the_demo_are_picked_automatically():
     assert _cfg("--model", "test_mlla", "--data-dir", "x").mesa == TrainConfig().mesa
     demo = _cfg()
     assert demo.model == PRESETS["demo"]["model"] and demo.data_dir is None
-    assert _cfg("--model-kwargs", "embed_dim=8", "depths=1,1,1,1").model_kwargs == {"embed_dim": 8, "depths": (1, 1, 1, 1)}
+    # --model-kwargs are merged over the preset's (here the demo's num_heads stay)
+    assert _cfg("--model-kwargs", "embed_dim=8", "depths=1,1,1,1").model_kwargs == {
+        "embed_dim": 8, "depths": (1, 1, 1, 1), "num_heads": (1, 2, 4, 8)}
 
 
 def test_saved_config_loads_back_to_the_same_settings(tmp_path):
@@ -51,8 +58,8 @@ def test_saved_config_loads_back_to_the_same_settings(tmp_path):
 
 def test_bad_settings_are_clear_errors(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("epohcs: 3\n")
-    with pytest.raises(ValueError, match="epohcs \\(did you mean epochs\\?\\)"):
-        load_yaml(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="epohcs \\(did you mean epochs\\?\\) is not a setting of the classification task"):
+        resolve_config(yaml_path=tmp_path / "bad.yaml")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match="mapping"):
         load_yaml(tmp_path / "list.yaml")

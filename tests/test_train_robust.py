@@ -18,16 +18,17 @@ import torch
 
 from mlla.data import available_cores, default_workers
 from mlla.tasks.classification import DEMO_CLASSES, make_demo_dataset
-from mlla.engine import TrainConfig, fit
+from mlla.engine import fit
+from mlla.tasks.classification.settings import ClassificationConfig
 from mlla.engine.preflight import SettingsError, check_settings
 
 
-def _config(data: Path | None, output: Path, **kw) -> TrainConfig:
+def _config(data: Path | None, output: Path, **kw) -> ClassificationConfig:
     base = dict(
         model="test_mlla", data_dir=None if data is None else str(data), output=str(output), epochs=2, batch_size=4,
         img_size=32, workers=0, progress=False, amp=False, lr=1e-3, warmup_epochs=0.5, crop_pct=1.0, model_ema=False,
     )
-    return TrainConfig(**{**base, **kw})
+    return ClassificationConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_unwritable_output_is_refused(data4, tmp_path):
 
 
 def test_ineffective_settings_warn_with_the_fix(data4, caplog):
-    cfg = TrainConfig(model="test_mlla", data_dir=str(data4), epochs=5, warmup_epochs=20, batch_size=8,
+    cfg = ClassificationConfig(model="test_mlla", data_dir=str(data4), epochs=5, warmup_epochs=20, batch_size=8,
                       workers=available_cores() + 3)
     with caplog.at_level(logging.WARNING, logger="mlla"):
         warnings = check_settings(cfg)
@@ -94,7 +95,7 @@ def test_ineffective_settings_warn_with_the_fix(data4, caplog):
     assert "peak learning rate is 7.8e-06" in text and "--lr 0.0005" in text and "--lr-base-size 8" in text
     assert f"more than the {available_cores()} CPU cores" in text and f"-j {default_workers()}" in text
     assert len(caplog.records) == 3
-    ok = TrainConfig(model="test_mlla", data_dir=str(data4), epochs=30, warmup_epochs=2, batch_size=8, lr=1e-3)
+    ok = ClassificationConfig(model="test_mlla", data_dir=str(data4), epochs=30, warmup_epochs=2, batch_size=8, lr=1e-3)
     assert check_settings(ok) == []
     assert 1 <= default_workers() <= min(4, available_cores())
 
@@ -208,12 +209,12 @@ def test_ctrl_c_is_reported_once_not_once_per_worker(data4, tmp_path):
 def test_schedule_warnings_once_the_steps_are_known():
     from mlla.engine.preflight import check_schedule
 
-    cfg = TrainConfig(model="test_mlla", epochs=2, batch_size=8, warmup_steps=50)  # recipe EMA: 0.9996 at batch 4096
+    cfg = ClassificationConfig(model="test_mlla", epochs=2, batch_size=8, warmup_steps=50)  # recipe EMA: 0.9996 at batch 4096
     warnings = check_schedule(cfg, total_batch=8, steps_per_epoch=12, log=False)
     assert len(warnings) == 2
     assert "--warmup-steps 50 covers the whole run of 24 steps" in warnings[0] and "--warmup-steps 2" in warnings[0]
     assert "averages over ~" in warnings[1] and "--model-ema-decay 0.583 --model-ema-decay-batch 0" in warnings[1]
-    fine = TrainConfig(model="test_mlla", epochs=30, batch_size=8, model_ema_decay=0.9, model_ema_decay_batch=0)
+    fine = ClassificationConfig(model="test_mlla", epochs=30, batch_size=8, model_ema_decay=0.9, model_ema_decay_batch=0)
     assert check_schedule(fine, total_batch=8, steps_per_epoch=12, log=False) == []
 
 

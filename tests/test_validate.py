@@ -13,7 +13,8 @@ from PIL import Image
 import mlla
 from mlla.cli import main
 from mlla.tasks.classification import DEMO_CLASSES, make_demo_dataset
-from mlla.engine import TrainConfig, fit
+from mlla.engine import fit
+from mlla.tasks.classification.settings import ClassificationConfig
 
 from conftest import REFERENCE_DIR as REFERENCE
 SMALL = dict(embed_dim=32, depths=(1, 2, 2, 1), num_heads=(1, 2, 4, 8))  # manifest.json, cls_small_96
@@ -94,7 +95,7 @@ def test_validate_refuses_a_checkpoint_with_another_class_count(authors_checkpoi
 def test_validate_our_checkpoint_matches_the_training_run_raw_and_ema(tmp_path, capsys):
     data = make_demo_dataset(tmp_path / "data", 4, 3, classes=DEMO_CLASSES[:3], progress=False)
     out = tmp_path / "run"
-    cfg = TrainConfig(model="test_mlla", model_kwargs={"embed_dim": 8}, data_dir=str(data), output=str(out),
+    cfg = ClassificationConfig(model="test_mlla", model_kwargs={"embed_dim": 8}, data_dir=str(data), output=str(out),
                       epochs=1, batch_size=4, img_size=32, workers=0, progress=False, amp=False, lr=1e-3,
                       crop_pct=1.0, model_ema_decay=0.5, model_ema_decay_batch=0)
     row = fit(cfg)["last"]

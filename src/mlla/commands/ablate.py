@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._task import MAX_FAILED_HELP
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from ..models.ablation import ABLATION_VARIANTS
@@ -32,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, help=f"default {STUDY_RECIPE['img_size']}")
     p.add_argument("--lr", type=float, help="absolute peak learning rate")
     p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--max-failed-fraction", type=float, help=MAX_FAILED_HELP)
     p.add_argument("--jobs", type=int, default=1, help="variants trained at once, one process each (default 1)")
     p.add_argument("--threads", type=int, help="CPU threads per training process (default: CPUs / jobs)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = dict(STUDY_RECIPE)
     if args.config:
         recipe.update(load_yaml(args.config))
-    for name in ("epochs", "batch_size", "img_size", "lr", "seed"):
+    for name in ("epochs", "batch_size", "img_size", "lr", "seed", "max_failed_fraction"):
         if getattr(args, name) is not None:
             recipe[name] = getattr(args, name)
     model_kwargs = {} if args.full_size else dict(STUDY_MODEL_KWARGS)

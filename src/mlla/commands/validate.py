@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+from ._task import MAX_FAILED_HELP
+
 _logger = logging.getLogger(__name__)
 
 
@@ -28,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
     p.add_argument("-b", "--batch-size", type=int, default=64)
     p.add_argument("-j", "--workers", type=int, default=2)
+    p.add_argument("--max-failed-fraction", type=float, default=0.01, help=MAX_FAILED_HELP)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -40,12 +44,13 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError
     from ..data import ImageFolderDataset, build_loader, build_transform
     from ..engine.checkpointing import load_model_weights
-    from ..engine.config import load_yaml, parse_kwargs
+    from ..engine.config import parse_kwargs
     from ..engine.distributed import DistEnv, pick_device
-    from ..tasks.classification.evaluate import evaluate
     from ..models import create_model
+    from ..tasks.classification.evaluate import evaluate
+    from ..tasks.classification.task import ClassificationTask
 
-    settings = load_yaml(args.config) if args.config else {}
+    settings = vars(ClassificationTask.resolve_settings(yaml_path=args.config)) if args.config else {}
     model_name = args.model or settings.get("model")
     if not model_name:
         raise ValueError("no model given: pass --model NAME, or --config with a run's config.yaml")
@@ -75,9 +80,10 @@ def run(args: argparse.Namespace) -> int:
         _logger.warning("%s: class folders differ from the checkpoint's training classes; accuracy may be meaningless", split_root)
     env = DistEnv(device=pick_device(args.device))
     model.to(env.device)
-    loader = build_loader(dataset, args.batch_size, is_training=False, workers=args.workers, seed=0, max_failed_fraction=None)
+    loader = build_loader(dataset, args.batch_size, is_training=False, workers=args.workers, seed=0,
+                          max_failed_fraction=args.max_failed_fraction)
     autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if args.amp else None
-    result = evaluate(model, loader, env, **({"autocast": autocast} if autocast else {}))
+    result = evaluate(model, loader, env, progress=args.progress, **({"autocast": autocast} if autocast else {}))
     result = dict(model=model_name, checkpoint=str(args.checkpoint), data=str(split_root), ema=args.use_ema, **result)
     if args.json:
         print(json.dumps(result, indent=1))

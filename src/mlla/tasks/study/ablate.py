@@ -34,9 +34,10 @@ from typing import Any, Sequence
 import torch
 
 from ...checkpoint import atomic_save
-from ...engine.config import TrainConfig, resolve_config, save_yaml
+from ...engine.config import TrainConfig, save_yaml
 from ...models import PAPER_RESULTS, create_model
 from ...models.ablation import ABLATION_VARIANTS, variant_switches
+from ..classification.task import ClassificationTask
 
 __all__ = [
     "DESIGNS",
@@ -143,7 +144,7 @@ def variant_config(spec: StudySpec, variant: str) -> TrainConfig:
         spec.recipe, model=variant, model_kwargs=kwargs, output=str(Path(spec.output) / variant),
         resume="auto", data_dir=spec.data_dir, device=spec.device, progress=spec.progress and spec.jobs == 1,
     )
-    return resolve_config(None, None, overrides)
+    return ClassificationTask.resolve_settings(overrides=overrides)
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -506,7 +507,7 @@ def _train_variant_main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     import mlla  # noqa: F401  (registers the models)
 
-    cfg = resolve_config(None, args.train_variant)
+    cfg = ClassificationTask.resolve_settings(yaml_path=args.train_variant)
     return 0 if train_variant(cfg) is not None else 1
 
 
