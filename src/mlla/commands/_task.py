@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from ..engine.task import Task
 
-__all__ = ["MAX_FAILED_HELP", "add_eval_arguments", "add_train_command", "check_failed", "eval_loader"]
+__all__ = ["MAX_FAILED_HELP", "add_eval_arguments", "add_predict_arguments", "add_train_command", "check_failed", "eval_loader", "find_images"]
 
 _logger = logging.getLogger(__name__)
 
@@ -81,8 +81,38 @@ def eval_loader(task: Task, args: argparse.Namespace) -> tuple[Any, Path, str]:
     return loader, data_dir, split
 
 
+def add_predict_arguments(p: argparse.ArgumentParser, run: str) -> None:
+    """Inputs, ``--checkpoint``, ``--use-ema``, ``--device`` and the failed-input limit of a ``predict`` command."""
+    p.add_argument("inputs", nargs="+", help="image files or folders of images")
+    p.add_argument("--checkpoint", required=True, help=f"last.pth or best.pth of a `{run}` run")
+    p.add_argument("--use-ema", action="store_true", help="the EMA weights of the checkpoint")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    p.add_argument("--max-failed-fraction", type=float, default=1.0,
+                   help="exit with an error when more than this fraction of the images cannot be read (default 1: "
+                   "draw every readable image, skipping and counting the others; an error only when none is readable)")
+
+
+def find_images(inputs: list[str], *, is_output: Callable[[Path], bool]) -> list[Path]:
+    """The image files named by ``inputs`` (files, or folders: their images, leaving out our own
+    pictures, for which ``is_output`` is true); raises when there are none."""
+    from ..data import IMG_EXTENSIONS
+
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(f for f in path.iterdir() if f.suffix.lower() in IMG_EXTENSIONS and not is_output(f))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no such image or folder: {path}")
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {', '.join(inputs)}")
+    return files
+
+
 def check_failed(failed: int, total: int, limit: float) -> None:
-    """Raise when more than ``limit`` of ``total`` inputs failed (``predict`` commands)."""
-    if failed > limit * total:
+    """Raise when more than ``limit`` of ``total`` inputs failed, or all of them (``predict`` commands)."""
+    if failed and (failed > limit * total or failed == total):
         raise RuntimeError(f"{failed} of {total} images could not be read (see the warnings), more than "
                            f"--max-failed-fraction {limit:g} allows; fix or remove them, or raise --max-failed-fraction")

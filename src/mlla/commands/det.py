@@ -14,11 +14,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ._task import MAX_FAILED_HELP, add_eval_arguments, add_train_command, check_failed, eval_loader
+from ._task import add_eval_arguments, add_predict_arguments, add_train_command, check_failed, eval_loader, find_images
 
 _logger = logging.getLogger(__name__)
 
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _OUTPUT_SUFFIX = ".det.png"
 
 
@@ -48,12 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     q = sub.add_parser("predict", help="draw detections (boxes, masks, class names) next to images",
                        description=f"For each image (or each image in a folder) write IMAGE{_OUTPUT_SUFFIX} beside it.")
-    q.add_argument("inputs", nargs="+", help="image files or folders")
-    q.add_argument("--checkpoint", required=True, help="last.pth or best.pth of a detection run")
+    add_predict_arguments(q, "mlla det train")
     q.add_argument("--score-threshold", type=float, default=0.5, help="draw detections scoring at least this")
-    q.add_argument("--use-ema", action="store_true", help="the EMA weights of the checkpoint")
-    q.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
-    q.add_argument("--max-failed-fraction", type=float, default=0.01, help=MAX_FAILED_HELP)
     q.set_defaults(func=run_predict)
 
 
@@ -88,21 +83,6 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _find_images(inputs: list[str]) -> list[Path]:
-    found: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.endswith(_OUTPUT_SUFFIX))
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise FileNotFoundError(f"no such image or folder: {path}")
-    if not found:
-        raise ValueError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) in {', '.join(inputs)}")
-    return found
-
-
 def run_predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -116,7 +96,7 @@ def run_predict(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     model.to(device)
     names = {i + 1: c["name"] for i, c in enumerate(task.categories)}
-    files = _find_images(args.inputs)
+    files = find_images(args.inputs, is_output=lambda f: f.name.endswith(_OUTPUT_SUFFIX))
     written, failed = 0, 0
     for path in files:
         try:

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ._task import MAX_FAILED_HELP, add_eval_arguments, add_train_command, check_failed, eval_loader
+from ._task import add_eval_arguments, add_predict_arguments, add_train_command, check_failed, eval_loader, find_images
 
 _logger = logging.getLogger(__name__)
 
@@ -47,12 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     r = sub.add_parser("predict", help="write a colour-coded overlay with a legend next to each image",
                        description="Segment images (files or folders) and write INPUT<suffix>.png beside each.")
-    r.add_argument("inputs", nargs="+", help="image files or folders of images")
-    r.add_argument("--checkpoint", required=True, help="last.pth or best.pth of a `mlla seg train` run")
-    r.add_argument("--use-ema", action="store_true", help="the EMA weights of the checkpoint")
-    r.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    add_predict_arguments(r, "mlla seg train")
     r.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    r.add_argument("--max-failed-fraction", type=float, default=0.01, help=MAX_FAILED_HELP)
     _inference_args(r)
     r.add_argument("--suffix", default="_seg", help="added to each input's name for the picture (default _seg)")
     r.add_argument("--alpha", type=float, default=0.5, help="opacity of the class colours (default 0.5)")
@@ -121,23 +117,6 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_files(inputs: list[str], suffix: str) -> list[Path]:
-    from ..data import IMG_EXTENSIONS
-
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files += sorted(f for f in path.iterdir() if f.suffix.lower() in IMG_EXTENSIONS and not f.stem.endswith(suffix))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"no such image or folder: {path}")
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {', '.join(inputs)}")
-    return files
-
-
 def run_predict(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -148,7 +127,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..tasks.segmentation.evaluate import predict_probs
     from ..tasks.segmentation.visualize import save_overlay
 
-    files = _image_files(args.inputs, args.suffix)
+    files = find_images(args.inputs, is_output=lambda f: f.stem.endswith(args.suffix))
     model, task, device, options = _setup(args)
     normalize = build_seg_transform(False)
     failed = 0
