@@ -56,7 +56,6 @@ _COCO = dict(
     det_max_size=1333,
     det_skip_empty=True,
     model_ema=False,
-    mesa=0.0,
     workers=4,
 )
 
