@@ -25,7 +25,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 import mlla  # noqa: F401  (registers the models)
-from mlla.benchmark import call_peak_memory_mib, environment, parse_size
+from mlla.benchmark import call_peak_memory_mib, environment, parse_size, time_interleaved
 from mlla.checkpoint import atomic_save
 
 MLLA, SWIN, CONVNEXT = "mlla_tiny", "swin_tiny_patch4_window7_224", "convnext_tiny"
@@ -96,16 +95,6 @@ def _prepare(part: str, backbone: str, size: tuple[int, int], device: torch.devi
     return call
 
 
-def _timed(fn: Callable[[], Any], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def peak_memory_here(part: str, backbone: str, size: tuple[int, int], device: str) -> float:
     """MiB one call adds at its peak, measured in this process after a warm-up call."""
     dev = torch.device(device)
@@ -134,15 +123,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         size = parse_size(text)
         model_sizes = [parse_size(t) for t in (args.model_sizes or args.sizes)]
         entries = [(p, b) for p in args.parts for b in args.backbones if p == "backbone" or size in model_sizes]
-        calls = {}
-        for part, backbone in tqdm(entries, desc=f"warm-up {size[0]}x{size[1]}", leave=False):
-            calls[part, backbone] = _prepare(part, backbone, size, device)
-            for _ in range(args.warmup):
-                _timed(calls[part, backbone], device)
-        times: dict[tuple[str, str], list[float]] = {e: [] for e in entries}
-        for _ in tqdm(range(args.rounds), desc=f"rounds {size[0]}x{size[1]}", leave=False):
-            for entry in entries:
-                times[entry].append(_timed(calls[entry], device))
+        calls = {e: _prepare(*e, size, device) for e in tqdm(entries, desc=f"build {size[0]}x{size[1]}", leave=False)}
+        times, _ = time_interleaved(calls, device, rounds=args.rounds, warmup=args.warmup, progress=True,
+                                    desc=f"rounds {size[0]}x{size[1]}")
         del calls
         for part, backbone in entries:
             ts = times[part, backbone]

@@ -21,14 +21,13 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import timm
 import torch
 
 import mlla  # noqa: F401  (registers the models)
-from mlla.benchmark import DTYPES, call_peak_memory_mib, environment, make_step, parse_size
+from mlla.benchmark import DTYPES, call_peak_memory_mib, environment, make_step, parse_size, time_interleaved
 from mlla.checkpoint import atomic_save, unwrap_features_only
 from mlla.tasks.segmentation.model import UperNet
 from mlla.profiling import count_gmacs, count_params
@@ -64,11 +63,6 @@ def build(backbone: str, size: tuple[int, int], device: str | None = None) -> Up
     return model if device is None else model.to(device)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def peak_memory_mib(backbone: str, size: tuple[int, int], dtype: str, device: str) -> float:
     """Extra memory of one forward call, measured in this process (see the module docstring)."""
     dev = torch.device(device)
@@ -87,8 +81,6 @@ def measure_memory(backbone: str, size: tuple[int, int], dtype: str, device: str
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    from tqdm import tqdm
-
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -103,17 +95,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         for dtype in args.dtypes:
             x = torch.randn(1, 3, *size, device=device)
             steps = {b: make_step(build(b, size, args.device), x, dtype, "infer") for b in args.backbones}
-            for step in steps.values():
-                for _ in range(args.warmup):
-                    step()
-            times: dict[str, list[float]] = {b: [] for b in steps}
-            for _ in tqdm(range(args.rounds), desc=f"{size[0]}x{size[1]} {dtype}", leave=False):
-                for b, step in steps.items():
-                    _sync(device)
-                    start = time.perf_counter()
-                    step()
-                    _sync(device)
-                    times[b].append(time.perf_counter() - start)
+            times, _ = time_interleaved(steps, device, rounds=args.rounds, warmup=args.warmup, progress=True,
+                                        desc=f"{size[0]}x{size[1]} {dtype}")
             del steps
             gc.collect()
             base = statistics.median(times[args.backbones[0]])

@@ -20,13 +20,13 @@ def test_parse_size():
 
 def test_rounds_are_interleaved(monkeypatch):
     order = []
-    real = bench._timed
+    real = bench.time_call
 
     def spy(fn, device, calls=1):
         order.append(fn)
         return real(fn, device, calls)
 
-    monkeypatch.setattr(bench, "_timed", spy)
+    monkeypatch.setattr(bench, "time_call", spy)
     spec = bench.BenchmarkSpec(["test_mlla"], sizes=[(32, 32)], batch_sizes=[1], dtypes=["fp32", "bf16"],
                                warmup=1, rounds=3, memory="none", matmul_size=64)
     rows = bench.run_benchmark(spec, progress=False)

@@ -34,13 +34,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
 
 from .checkpoint import unwrap_features_only
 from .runtime import retain_freed_memory, trim_freed_memory
+
+K = TypeVar("K")
 
 __all__ = [
     "BenchmarkSpec",
@@ -52,6 +54,9 @@ __all__ = [
     "parse_size",
     "plot_results",
     "run_benchmark",
+    "synchronize",
+    "time_call",
+    "time_interleaved",
     "write_results",
 ]
 
@@ -237,18 +242,47 @@ def make_step(model: nn.Module, x: torch.Tensor, dtype: str, mode: str) -> Calla
     return step
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], None], device: torch.device, calls: int = 1) -> float:
-    _sync(device)
+def time_call(fn: Callable[[], Any], device: torch.device, calls: int = 1) -> float:
+    """Seconds per call of ``calls`` calls of ``fn`` (the device synchronised before and after)."""
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(calls):
         fn()
-    _sync(device)
+    synchronize(device)
     return (time.perf_counter() - start) / calls
+
+
+def time_interleaved(
+    steps: Mapping[K, Callable[[], Any]],
+    device: torch.device,
+    *,
+    rounds: int,
+    warmup: int = 1,
+    min_round_s: float = 0.0,
+    progress: bool = False,
+    desc: str = "rounds",
+) -> tuple[dict[K, list[float]], dict[K, int]]:
+    """``(seconds per call of each step in each round, calls per round of each step)``: ``rounds``
+    rounds that call every step in turn (so a load spike of a shared machine hits all of them
+    alike). Each step is first called ``warmup`` times (at least once); the fastest of those sets
+    how many calls make a round of about ``min_round_s`` (0: one call)."""
+    from tqdm import tqdm
+
+    calls = {}
+    for key, step in steps.items():
+        fastest = min(time_call(step, device) for _ in range(max(warmup, 1)))
+        calls[key] = max(1, math.ceil(min_round_s / max(fastest, 1e-9))) if min_round_s else 1
+    times: dict[K, list[float]] = {key: [] for key in steps}
+    for _ in tqdm(range(rounds), desc=desc, disable=not progress, leave=False):
+        for key, step in steps.items():
+            times[key].append(time_call(step, device, calls[key]))
+    return times, calls
 
 
 def _matmul_step(n: int, dtype: str, device: torch.device) -> Callable[[], None]:
@@ -284,20 +318,14 @@ def run_benchmark(spec: BenchmarkSpec, progress: bool = True) -> list[dict[str, 
     groups = [(s, b) for s in spec.sizes for b in spec.batch_sizes]
     for size, batch in groups:
         steps: dict[str, Callable[[], None]] = {}
-        calls: dict[str, int] = {}
         for dt in spec.dtypes:
             steps[f"matmul {dt}"] = _matmul_step(spec.matmul_size, dt, device)
         desc = f"{spec.task} {spec.mode} {size[0]}x{size[1]} batch {batch}"
         for variant in tqdm(variants, desc=f"warm-up {desc}", disable=not progress, leave=False):
             model, x = _prepare(variant, spec, size, batch, device)
             steps[variant.label] = make_step(model, x, variant.dtype, spec.mode)
-        for label, step in steps.items():
-            t = min(_timed(step, device) for _ in range(spec.warmup))
-            calls[label] = max(1, math.ceil(spec.min_round_s / max(t, 1e-9)))
-        times: dict[str, list[float]] = {label: [] for label in steps}
-        for _ in tqdm(range(spec.rounds), desc=f"rounds {desc}", disable=not progress, leave=False):
-            for label, step in steps.items():
-                times[label].append(_timed(step, device, calls[label]))
+        times, calls = time_interleaved(steps, device, rounds=spec.rounds, warmup=spec.warmup, min_round_s=spec.min_round_s,
+                                        progress=progress, desc=f"rounds {desc}")
         peaks = {dt: 2 * spec.matmul_size**3 / statistics.median(times[f"matmul {dt}"]) / 1e9 for dt in spec.dtypes}
         for variant in variants:
             ts = times[variant.label]

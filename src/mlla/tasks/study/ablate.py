@@ -348,9 +348,7 @@ def measure_throughput(
 ) -> dict[str, float]:
     """Inference images/s of each variant, timed in interleaved rounds (each of about
     ``min_round_s`` per variant); the median per variant."""
-    from tqdm import tqdm
-
-    from ...benchmark import make_step
+    from ...benchmark import make_step, time_interleaved
 
     dev = torch.device(device)
     steps = {}
@@ -359,23 +357,10 @@ def measure_throughput(
         x = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=dev)
         steps[cfg.model] = make_step(model, x, "fp32", "infer")
 
-    def timed(step: Any, calls: int = 1) -> float:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        start = time.perf_counter()
-        for _ in range(calls):
-            step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        return (time.perf_counter() - start) / calls
-
     # Warm-up, then enough calls per round that a round lasts about min_round_s: short load
     # spikes of a shared machine then average out within a round.
-    calls = {name: max(1, round(min_round_s / min(timed(step) for _ in range(2)))) for name, step in steps.items()}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in tqdm(range(rounds), desc="throughput (interleaved)", disable=not progress, leave=False):
-        for name, step in steps.items():
-            times[name].append(timed(step, calls[name]))
+    times, _ = time_interleaved(steps, dev, rounds=rounds, warmup=2, min_round_s=min_round_s, progress=progress,
+                                desc="throughput (interleaved)")
     return {name: batch / statistics.median(ts) for name, ts in times.items()}
 
 
