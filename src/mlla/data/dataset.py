@@ -23,13 +23,13 @@ from torch.utils.data import Dataset, default_collate
 
 from .failures import SampleFailure, Skipped, describe_error
 from .images import to_rgb
+from .replace import UnusableSample, first_usable
 
 __all__ = ["IMG_EXTENSIONS", "ImageFolderDataset", "collate_skipping", "find_split"]
 
 _logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-_MAX_CONSECUTIVE_BAD = 64
 
 
 def find_split(root: str | os.PathLike, split: str) -> Path:
@@ -138,43 +138,28 @@ class ImageFolderDataset(Dataset):
             torch.set_rng_state(states[2])
 
     def _sample(self, index: int) -> tuple[Any, int]:
-        """``(image, target)`` of ``index``; raises :class:`_SampleError` saying which stage failed."""
+        """``(image, target)`` of ``index``; raises :class:`UnusableSample` saying which stage failed."""
         path = self.samples[index][0]
         try:
             img = self._load(index)
         except Exception as e:  # any reader error: corrupt, truncated, not an image, odd mode
-            raise _SampleError(SampleFailure(index, path, "load", describe_error(e, path))) from e
+            raise UnusableSample(SampleFailure(index, path, "load", describe_error(e, path))) from e
         try:
             return self._transform(img, index), self.samples[index][1]
         except Exception as e:  # a transform that raises on this image: skip it, not the run
-            raise _SampleError(SampleFailure(index, path, "transform", describe_error(e, path))) from e
+            raise UnusableSample(SampleFailure(index, path, "transform", describe_error(e, path))) from e
 
     def __getitem__(self, index: int) -> tuple[Any, int, Skipped] | SampleFailure:
-        failures: list[SampleFailure] = []
-        for attempt in range(min(len(self), _MAX_CONSECUTIVE_BAD)):
-            i = (index + attempt) % len(self)
-            try:
-                image, target = self._sample(i)
-            except _SampleError as e:
-                failures.append(e.failure)
-                if not self.replace_bad:
-                    return e.failure
-                continue
-            # Only the requested sample counts: a replacement that failed too is counted when
-            # it is requested itself (on whichever process), so each failure counts once an epoch.
-            return image, target, Skipped(failures[:1])
-        last = failures[-1]
-        raise RuntimeError(
+        sample, failures = first_usable(index, len(self), self._sample, replace=self.replace_bad, give_up=lambda failures: (
             f"{self.root}: {len(failures)} samples in a row from {self.samples[index][0]} failed (unreadable "
-            f"files or a failing transform), the last {last.path} ({last.kind}); check the dataset (corrupt copy, "
-            f"wrong folder?) and the transform"
-        )
-
-
-class _SampleError(Exception):
-    def __init__(self, failure: SampleFailure) -> None:
-        super().__init__(failure.kind)
-        self.failure = failure
+            f"files or a failing transform), the last {failures[-1].path} ({failures[-1].kind}); check the dataset "
+            f"(corrupt copy, wrong folder?) and the transform"
+        ))
+        if sample is None:
+            return failures[0]
+        # Only the requested sample counts: a replacement that failed too is counted when
+        # it is requested itself (on whichever process), so each failure counts once an epoch.
+        return *sample, Skipped(failures[:1])
 
 
 def collate_skipping(batch: list[tuple[Any, int, int] | SampleFailure | None]) -> tuple[torch.Tensor, torch.Tensor, Skipped]:

@@ -38,11 +38,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ...data.replace import UnusableSample, first_usable
+
 __all__ = ["CocoDetection", "coco_evaluate", "collate_detection", "detections_to_coco", "COCO_METRICS"]
 
 _logger = logging.getLogger(__name__)
 _READ_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
-_MAX_CONSECUTIVE_BAD = 64
 
 #: The metrics :func:`coco_evaluate` returns per kind (``bbox_*``, ``segm_*``), in COCOeval's
 #: ``stats`` order, as percentages.
@@ -227,24 +228,25 @@ class CocoDetection(Dataset):
         labels = torch.tensor([a["label"] for a in anns], dtype=torch.int64)
         return dict(boxes=boxes, labels=labels, masks=masks, image_id=int(img["id"]))
 
+    def _sample(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``(image, target)`` of ``index`` (flipped as its epoch says); raises :class:`UnusableSample`."""
+        image = self._load(index)
+        if image is None:
+            raise UnusableSample(index)
+        flip = False
+        if self.train and self.hflip > 0:
+            key = f"{self.seed}/{self.epoch}/{index}".encode()
+            flip = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") / 2**64 < self.hflip
+        if flip:
+            image = image.flip(-1)
+        return image, self._target(index, flip)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any], int] | None:
-        for skipped in range(min(len(self), _MAX_CONSECUTIVE_BAD)):
-            i = (index + skipped) % len(self)
-            image = self._load(i)
-            if image is not None:
-                flip = False
-                if self.train and self.hflip > 0:
-                    key = f"{self.seed}/{self.epoch}/{i}".encode()
-                    flip = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") / 2**64 < self.hflip
-                if flip:
-                    image = image.flip(-1)
-                return image, self._target(i, flip), int(skipped > 0)
-            if not self.replace_bad:
-                return None
-        raise RuntimeError(
-            f"{self.image_dir}: {min(len(self), _MAX_CONSECUTIVE_BAD)} images in a row from "
-            f"{self.records[index][0]['file_name']} are unreadable; check the dataset"
-        )
+        sample, failed = first_usable(index, len(self), self._sample, replace=self.replace_bad, give_up=lambda failed: (
+            f"{self.image_dir}: {len(failed)} images in a row from {self.records[index][0]['file_name']} are "
+            f"unreadable; check the dataset"
+        ))
+        return None if sample is None else (*sample, int(bool(failed)))
 
 
 def _gt_annotation(ann: dict[str, Any], n: int) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ...data import IMG_EXTENSIONS
+from ...data.replace import UnusableSample, first_usable
 
 __all__ = [
     "IGNORE_INDEX",
@@ -49,7 +50,6 @@ _logger = logging.getLogger(__name__)
 #: Label of pixels that are not scored (ADE20K's 0, after the shift).
 IGNORE_INDEX = 255
 _READ_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
-_MAX_CONSECUTIVE_BAD = 64
 
 
 def rescale_size(height: int, width: int, scale: Sequence[int], ratio: float = 1.0) -> tuple[int, int]:
@@ -291,18 +291,18 @@ class SegmentationDataset(Dataset):
                 image, mask = self.transform(image, mask)
         return image.as_subclass(torch.Tensor), mask.as_subclass(torch.Tensor).long()
 
+    def _sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = self.load(index)
+        if pair is None:
+            raise UnusableSample(index)
+        return self._transform(pair, index)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        for skipped in range(min(len(self), _MAX_CONSECUTIVE_BAD)):
-            i = (index + skipped) % len(self)
-            pair = self.load(i)
-            if pair is not None:
-                return *self._transform(pair, i), int(skipped > 0)
-            if not self.replace_bad:
-                return None
-        raise RuntimeError(
-            f"{self.root}: {min(len(self), _MAX_CONSECUTIVE_BAD)} samples in a row from {self.samples[index][0]} "
-            "cannot be used (see the warnings above); check the dataset and --num-classes"
-        )
+        sample, failed = first_usable(index, len(self), self._sample, replace=self.replace_bad, give_up=lambda failed: (
+            f"{self.root}: {len(failed)} samples in a row from {self.samples[index][0]} cannot be used (see the "
+            "warnings above); check the dataset and --num-classes"
+        ))
+        return None if sample is None else (*sample, int(bool(failed)))
 
 
 def collate_segmentation(
