@@ -68,9 +68,10 @@ def test_paper_setting_layout():
 
 
 def test_mlla_models_upernet_figures_match_the_papers():
-    from mlla.tasks.segmentation.model import PAPER_UPERNET, upernet_stats
+    from mlla.models import PAPER_RESULTS
+    from mlla.tasks.segmentation.model import upernet_stats
 
-    stats, paper = upernet_stats("mlla_base"), PAPER_UPERNET["mlla_base"]
+    stats, paper = upernet_stats("mlla_base"), PAPER_RESULTS["upernet_mlla_base"]
     assert stats["gmacs"] == pytest.approx(paper["gmacs"], rel=0.01)  # 512x2048, eval mode
     assert stats["params_m"] == pytest.approx(paper["params_m"], rel=0.01)
 

@@ -16,6 +16,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+#: The backbones of the paper's detection and segmentation models.
+_DENSE_BACKBONES = ("mlla_tiny", "mlla_small", "mlla_base")
+
+
+def _paper(name: str) -> dict[str, float]:
+    """The paper's figures of ``name`` as ``paper_<figure>`` columns."""
+    return {f"paper_{k}": v for k, v in PAPER_RESULTS.get(name, {}).items()}
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -24,14 +33,14 @@ def _detection_rows(pattern: str) -> list[dict]:
     """Mask R-CNN at 1280x800 on MLLA-T/S/B (named ``mask_rcnn_<backbone>``) matching ``pattern``."""
     from fnmatch import fnmatch
 
-    from ..tasks.detection.stats import DETECTION_PAPER_RESULTS, detection_model_stats
+    from ..tasks.detection.stats import detection_model_stats
 
     rows = []
-    for backbone, paper in DETECTION_PAPER_RESULTS.items():
+    for backbone in _DENSE_BACKBONES:
         if not pattern or fnmatch(f"mask_rcnn_{backbone}", pattern):
             stats = detection_model_stats(backbone)
             stats.pop("gmacs_by_part")
-            rows.append(dict(stats, **{f"paper_{k}": v for k, v in paper.items()}))
+            rows.append(dict(stats, **_paper(stats["model"])))
     return rows
 
 
@@ -39,13 +48,12 @@ def _segmentation_rows(pattern: str) -> list[dict]:
     """UperNet (ADE20K, 150 classes) at 512x2048 on MLLA-T/S/B (named ``upernet_<backbone>``) matching ``pattern``."""
     from fnmatch import fnmatch
 
-    from ..tasks.segmentation.model import PAPER_UPERNET, upernet_stats
+    from ..tasks.segmentation.model import upernet_stats
 
     rows = []
-    for backbone in ("mlla_tiny", "mlla_small", "mlla_base"):
+    for backbone in _DENSE_BACKBONES:
         if not pattern or fnmatch(f"upernet_{backbone}", pattern):
-            paper = PAPER_UPERNET.get(backbone, {})
-            rows.append(dict(model=f"upernet_{backbone}", **upernet_stats(backbone), **{f"paper_{k}": v for k, v in paper.items()}))
+            rows.append(dict(model=f"upernet_{backbone}", **upernet_stats(backbone), **_paper(f"upernet_{backbone}")))
     return rows
 
 
@@ -57,9 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"no model matches {args.pattern!r}; run `mlla models` for the full list")
     rows = []
     for name in names:
-        stats = model_stats(name, args.img_size)
-        paper = PAPER_RESULTS.get(name, {})
-        rows.append(dict(model=name, **stats, **{f"paper_{k}": v for k, v in paper.items()}))
+        rows.append(dict(model=name, **model_stats(name, args.img_size), **_paper(name)))
     if args.json:
         print(json.dumps(rows + detection + segmentation, indent=1))
         return 0
@@ -77,7 +83,7 @@ def _print_detection_table(rows: list[dict]) -> None:
     print("\n" + header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['model']:<34}{r['params_m']:>11.2f}{r['gmacs']:>11.1f}   {r['paper_params_m']:>12.0f}M{r['paper_gflops']:>7.0f}"
+        print(f"{r['model']:<34}{r['params_m']:>11.2f}{r['gmacs']:>11.1f}   {r['paper_params_m']:>12.0f}M{r['paper_gmacs']:>7.0f}"
               f"{r['paper_box_ap']:>7.1f}{r['paper_mask_ap']:>8.1f}")
     print("\nMask R-CNN (torchvision parts, FPN 256) at 1280x800, counted as mmdetection does for the paper: backbone,\n"
           "FPN and RPN head on the image, box head on 1000 RoIs, mask head on 100 (mlla.tasks.detection.stats).")

@@ -1,4 +1,5 @@
-"""Parameters and GFLOPs of Mask R-CNN on MLLA-T/S/B at 1280x800, beside the paper's Table 4.
+"""Parameters and GFLOPs of Mask R-CNN on MLLA-T/S/B at 1280x800 (the paper's Table 4 figures are
+in :data:`mlla.models.PAPER_RESULTS`).
 
 Counted as mmdetection counts the paper's figures (``get_flops`` on ``forward_dummy``): one
 1280x800 image through backbone, FPN and RPN head, the box head on 1000 RoIs and the mask head
@@ -16,15 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .model import mask_rcnn
 
-__all__ = ["DETECTION_PAPER_RESULTS", "detection_model_stats", "mask_rcnn_gmacs"]
-
-#: The paper's Mask R-CNN 1x figures (Table 4): parameters (M), GFLOPs at 1280x800, box / mask AP.
-DETECTION_PAPER_RESULTS: dict[str, dict[str, float]] = {
-    "mlla_tiny": dict(params_m=44.0, gflops=255.0, box_ap=46.8, mask_ap=42.1),
-    "mlla_small": dict(params_m=63.0, gflops=319.0, box_ap=49.2, mask_ap=44.2),
-    "mlla_base": dict(params_m=115.0, gflops=502.0, box_ap=50.5, mask_ap=45.0),
-}
-
+__all__ = ["detection_model_stats", "mask_rcnn_gmacs"]
 
 def mask_rcnn_gmacs(model: nn.Module, size: tuple[int, int] = (800, 1280), box_rois: int = 1000, mask_rois: int = 100) -> dict[str, float]:
     """GMACs of the parts of a torchvision Mask R-CNN (see the module docstring), by part."""

@@ -28,7 +28,7 @@ from ...models import create_model
 from ...models.backbone import load_backbone_checkpoint
 
 __all__ = [
-    "AUX_LOSS_WEIGHT", "FCNHead", "MIN_INPUT_SIZE", "PAPER_UPERNET", "UperNet", "upernet_stats", "load_upernet_weights",
+    "AUX_LOSS_WEIGHT", "FCNHead", "MIN_INPUT_SIZE", "UperNet", "upernet_stats", "load_upernet_weights",
     "upernet",
 ]
 
@@ -36,11 +36,6 @@ _logger = logging.getLogger(__name__)
 
 #: Weight of the auxiliary head's loss (the paper's mmseg setting).
 AUX_LOSS_WEIGHT = 0.4
-#: The paper's UperNet figures (SPEC section 5): parameters (M), GFLOPs at 512x2048 as the paper
-#: counts them (multiply-accumulates), ADE20K mIoU single- and multi-scale.
-PAPER_UPERNET: dict[str, dict[str, float]] = {
-    "mlla_base": dict(params_m=128.0, gmacs=1183.0, miou_ss=51.9, miou_ms=52.5),
-}
 #: The backbone's total stride: inputs must be at least this large on each side.
 MIN_INPUT_SIZE = 32
 
