@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from ._task import add_eval_arguments, add_predict_arguments, add_train_command, check_failed, eval_loader, find_images

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from ._task import add_eval_arguments, add_predict_arguments, add_train_command, check_failed, eval_loader, find_images

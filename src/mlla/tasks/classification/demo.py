@@ -6,16 +6,15 @@ with pixel noise; classifying it needs shape, not colour. Generation is determin
 """
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from ...data.generated import add_noise, contrasting_colour, generate_once, random_colour
 
 __all__ = ["DEMO_CLASSES", "make_demo_dataset", "draw_demo_image"]
 
@@ -93,17 +92,12 @@ _SHAPES: dict[str, Callable[[ImageDraw.ImageDraw, _Box, tuple, int], None]] = {
 DEMO_CLASSES: tuple[str, ...] = tuple(_SHAPES)
 
 
-def _colour(rng: random.Random) -> tuple[int, int, int]:
-    return tuple(rng.randrange(256) for _ in range(3))
-
-
 def draw_demo_image(class_name: str, rng: random.Random, size: int = 32) -> Image.Image:
     """One ``size`` x ``size`` RGB image of ``class_name`` (drawn at 4x, then downsampled)."""
     scale = 4
     s = size * scale
-    bg, fg = _colour(rng), _colour(rng)
-    while sum(abs(a - b) for a, b in zip(bg, fg)) < 200:  # keep the shape visible
-        fg = _colour(rng)
+    bg = random_colour(rng)
+    fg = contrasting_colour(rng, bg)  # keep the shape visible
     img = Image.new("RGB", (s, s), bg)
     extent = rng.uniform(0.45, 0.8) * s
     x0, y0 = rng.uniform(0, s - extent), rng.uniform(0, s - extent)
@@ -111,8 +105,7 @@ def draw_demo_image(class_name: str, rng: random.Random, size: int = 32) -> Imag
     _SHAPES[class_name](ImageDraw.Draw(img), (x0, y0, x0 + extent, y0 + extent), fg, width)
     img = img.rotate(rng.uniform(-15, 15), resample=Image.BILINEAR, fillcolor=bg)
     img = img.resize((size, size), Image.BICUBIC)
-    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 12, (size, size, 3))
-    return Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
+    return add_noise(img, rng, 12)
 
 
 def make_demo_dataset(
@@ -126,7 +119,6 @@ def make_demo_dataset(
 ) -> Path:
     """Write the demo dataset to ``root`` (skipped when a complete one with the same settings
     is there). Returns ``root``. ``classes`` picks some of :data:`DEMO_CLASSES`."""
-    root = Path(root)
     unknown = sorted(set(classes) - set(DEMO_CLASSES))
     if unknown:
         raise ValueError(f"unknown demo classes {unknown}; choose from {', '.join(DEMO_CLASSES)}")
@@ -134,16 +126,12 @@ def make_demo_dataset(
         train_per_class=train_per_class, val_per_class=val_per_class, img_size=img_size, seed=seed,
         classes=list(classes), version=1,
     )
-    marker = root / "demo_dataset.json"
-    if marker.is_file() and json.loads(marker.read_text()) == settings:
-        return root
-    if root.exists():
-        shutil.rmtree(root)  # an interrupted or different earlier generation
     jobs = [(split, c, i) for split, n in (("train", train_per_class), ("val", val_per_class)) for c in classes for i in range(n)]
-    for split, c, i in tqdm(jobs, desc="generating demo dataset", disable=not progress, leave=False):
-        rng = random.Random(f"{seed}/{split}/{c}/{i}")
-        path = root / split / c / f"{i:05d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        draw_demo_image(c, rng, img_size).save(path)
-    marker.write_text(json.dumps(settings))  # written last: marks the dataset complete
-    return root
+
+    def write(root: Path) -> None:
+        for split, c, i in tqdm(jobs, desc="generating demo dataset", disable=not progress, leave=False):
+            path = root / split / c / f"{i:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            draw_demo_image(c, random.Random(f"{seed}/{split}/{c}/{i}"), img_size).save(path)
+
+    return generate_once(root, settings, write, marker="demo_dataset.json")

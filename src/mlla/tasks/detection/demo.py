@@ -12,22 +12,18 @@ import json
 import math
 import os
 import random
-import shutil
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from ...data.generated import add_noise, contrasting_colour, generate_once, random_colour
 
 __all__ = ["DET_DEMO_CATEGORIES", "draw_det_demo_image", "make_det_demo_dataset"]
 
 #: (category id, name) of the demo shapes.
 DET_DEMO_CATEGORIES: tuple[tuple[int, str], ...] = ((1, "circle"), (3, "square"), (7, "triangle"))
 _VERTICES = {"circle": 24, "square": 4, "triangle": 3}
-
-
-def _colour(rng: random.Random) -> tuple[int, int, int]:
-    return tuple(rng.randrange(256) for _ in range(3))
 
 
 def _polygon(name: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -37,7 +33,7 @@ def _polygon(name: str, cx: float, cy: float, r: float, angle: float) -> list[tu
 
 def draw_det_demo_image(rng: random.Random, size: int = 160) -> tuple[Image.Image, list[dict]]:
     """One ``size`` x ``size`` image and its annotations (``category_id``, ``bbox``, ``segmentation``, ``area``)."""
-    bg = _colour(rng)
+    bg = random_colour(rng)
     img = Image.new("RGB", (size, size), bg)
     draw = ImageDraw.Draw(img)
     placed: list[tuple[float, float, float]] = []
@@ -52,9 +48,7 @@ def draw_det_demo_image(rng: random.Random, size: int = 160) -> tuple[Image.Imag
             continue
         placed.append((cx, cy, r))
         cat_id, name = rng.choice(DET_DEMO_CATEGORIES)
-        fg = _colour(rng)
-        while sum(abs(a - b) for a, b in zip(bg, fg)) < 200:
-            fg = _colour(rng)
+        fg = contrasting_colour(rng, bg)
         poly = _polygon(name, cx, cy, r, rng.uniform(0, 2 * math.pi))
         draw.polygon(poly, fill=fg)
         xs, ys = [p[0] for p in poly], [p[1] for p in poly]
@@ -65,9 +59,7 @@ def draw_det_demo_image(rng: random.Random, size: int = 160) -> tuple[Image.Imag
             category_id=cat_id, bbox=[round(v, 2) for v in (x0, y0, w, h)], area=round(area, 2), iscrowd=0,
             segmentation=[[round(c, 2) for p in poly for c in p]],
         ))
-    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 10, (size, size, 3))
-    img = Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
-    return img, anns
+    return add_noise(img, rng, 10), anns
 
 
 def make_det_demo_dataset(
@@ -80,28 +72,24 @@ def make_det_demo_dataset(
 ) -> Path:
     """Write the detection demo data to ``root`` (skipped when a complete one with the same
     settings is there). Returns ``root``."""
-    root = Path(root)
     settings = dict(train_images=train_images, val_images=val_images, img_size=img_size, seed=seed, version=1)
-    marker = root / "det_demo_dataset.json"
-    if marker.is_file() and json.loads(marker.read_text()) == settings:
-        return root
-    if root.exists():
-        shutil.rmtree(root)  # an interrupted or different earlier generation
     categories = [dict(id=i, name=n, supercategory="shape") for i, n in DET_DEMO_CATEGORIES]
-    (root / "annotations").mkdir(parents=True)
-    ann_id = 1
-    for split, n in (("train", train_images), ("val", val_images)):
-        (root / split).mkdir()
-        images, annotations = [], []
-        for i in tqdm(range(n), desc=f"generating detection demo ({split})", disable=not progress, leave=False):
-            img, anns = draw_det_demo_image(random.Random(f"{seed}/{split}/{i}"), img_size)
-            name = f"{i:05d}.png"
-            img.save(root / split / name)
-            images.append(dict(id=i + 1, file_name=name, width=img_size, height=img_size))
-            for a in anns:
-                annotations.append(dict(a, id=ann_id, image_id=i + 1))
-                ann_id += 1
-        data = dict(images=images, annotations=annotations, categories=categories)
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
-    marker.write_text(json.dumps(settings))  # written last: marks the dataset complete
-    return root
+
+    def write(root: Path) -> None:
+        (root / "annotations").mkdir()
+        ann_id = 1
+        for split, n in (("train", train_images), ("val", val_images)):
+            (root / split).mkdir()
+            images, annotations = [], []
+            for i in tqdm(range(n), desc=f"generating detection demo ({split})", disable=not progress, leave=False):
+                img, anns = draw_det_demo_image(random.Random(f"{seed}/{split}/{i}"), img_size)
+                name = f"{i:05d}.png"
+                img.save(root / split / name)
+                images.append(dict(id=i + 1, file_name=name, width=img_size, height=img_size))
+                for a in anns:
+                    annotations.append(dict(a, id=ann_id, image_id=i + 1))
+                    ann_id += 1
+            data = dict(images=images, annotations=annotations, categories=categories)
+            (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
+
+    return generate_once(root, settings, write, marker="det_demo_dataset.json")

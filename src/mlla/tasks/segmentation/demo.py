@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from ...data.generated import add_noise, generate_once
 
 __all__ = ["SEG_DEMO_CLASSES", "draw_seg_scene", "make_seg_demo_dataset"]
 
@@ -78,9 +79,7 @@ def draw_seg_scene(rng: random.Random, size: tuple[int, int] = (48, 48)) -> tupl
         _draw_region(draw_img, name, box, colour, width)
         _draw_region(draw_lab, name, box, SEG_DEMO_CLASSES.index(name) + 1, width)
         _outline(draw_lab, name, box, width)  # later regions cover it where they overlap
-    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 10, (h, w, 3))
-    image = Image.fromarray(np.clip(np.asarray(image, np.float32) + noise, 0, 255).astype(np.uint8))
-    return image, labels
+    return add_noise(image, rng, 10), labels
 
 
 def make_seg_demo_dataset(
@@ -93,21 +92,17 @@ def make_seg_demo_dataset(
 ) -> Path:
     """Write the demo dataset to ``root`` (kept when a complete one with the same settings is
     there). Returns ``root``."""
-    root = Path(root)
     settings = dict(train_images=train_images, val_images=val_images, img_size=list(img_size), seed=seed,
                     classes=list(SEG_DEMO_CLASSES), version=2)
-    marker = root / _MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == settings:
-        return root
-    if root.exists():
-        shutil.rmtree(root)  # an interrupted or different earlier generation
     jobs = [(split, i) for split, n in (("training", train_images), ("validation", val_images)) for i in range(n)]
-    for split, i in tqdm(jobs, desc="generating segmentation demo", disable=not progress, leave=False):
-        image, labels = draw_seg_scene(random.Random(f"{seed}/{split}/{i}"), tuple(img_size))
-        for kind, picture, ext in (("images", image, "jpg"), ("annotations", labels, "png")):
-            path = root / kind / split / f"scene_{i:05d}.{ext}"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            picture.save(path, quality=95) if ext == "jpg" else picture.save(path)
-    (root / "classes.json").write_text(json.dumps(list(SEG_DEMO_CLASSES)))
-    marker.write_text(json.dumps(settings))  # written last: marks the dataset complete
-    return root
+
+    def write(root: Path) -> None:
+        for split, i in tqdm(jobs, desc="generating segmentation demo", disable=not progress, leave=False):
+            image, labels = draw_seg_scene(random.Random(f"{seed}/{split}/{i}"), tuple(img_size))
+            for kind, picture, ext in (("images", image, "jpg"), ("annotations", labels, "png")):
+                path = root / kind / split / f"scene_{i:05d}.{ext}"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                picture.save(path, quality=95) if ext == "jpg" else picture.save(path)
+        (root / "classes.json").write_text(json.dumps(list(SEG_DEMO_CLASSES)))
+
+    return generate_once(root, settings, write, marker=_MARKER)
