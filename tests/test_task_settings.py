@@ -57,8 +57,8 @@ class RegressionTask(Task):
     best_metric = "neg_mse"
     best_metric_label = "-MSE"
 
-    @classmethod
-    def default_preset(cls, given: dict[str, Any]) -> str:
+    @staticmethod
+    def default_preset(given: dict[str, Any]) -> str:
         return "quick"
 
     def make_demo_data(self, root: Path, *, progress: bool) -> Path:

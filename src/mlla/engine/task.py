@@ -41,8 +41,10 @@ class Task:
     settings: ClassVar[type[TrainConfig]] = TrainConfig
     #: Recipe presets: name -> settings (a YAML file and flags are applied over them).
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
-    #: Keys of :meth:`state` that a checkpoint of this task must hold to rebuild its model.
+    #: Keys of :meth:`state` that a checkpoint of this task must hold to rebuild its model (and
+    #: that must match the data to resume), and what they list, for messages.
     state_keys: ClassVar[tuple[str, ...]] = ()
+    label_kind: ClassVar[str] = "classes"
     #: ``evaluator(model, loader, *, env, autocast, progress, desc, **evaluate_options())`` -> metrics.
     evaluator: ClassVar[Callable[..., dict[str, float]] | None] = None
     #: Key of :meth:`evaluate`'s result that selects ``best.pth`` (higher is better).
@@ -71,8 +73,8 @@ class Task:
         raise ValueError(f"no task declares {type(cfg).__name__} as its settings; pass the task to fit()")
 
     # -- settings
-    @classmethod
-    def default_preset(cls, given: Mapping[str, Any]) -> str | None:
+    @staticmethod
+    def default_preset(given: Mapping[str, Any]) -> str | None:
         """The preset used when neither ``--preset`` nor ``--config`` is given (``given``: the flags)."""
         return None
 
@@ -168,7 +170,16 @@ class Task:
         """Take back what :meth:`state` saved (e.g. class names), to rebuild the model without data."""
 
     def check_resume(self, checkpoint: dict[str, Any], path: Path) -> None:
-        """Raise :class:`~mlla.CheckpointError` if ``checkpoint`` (from ``path``) cannot continue on this data."""
+        """Raise :class:`~mlla.CheckpointError` if ``checkpoint`` (from ``path``) cannot continue on
+        this data: its :attr:`state_keys` entries (e.g. the class names) differ from :meth:`state`'s."""
+        now = self.state()
+        for key in self.state_keys:
+            saved = checkpoint.get(key)
+            if saved is not None and saved != now[key]:
+                raise CheckpointError(
+                    f"{path} was trained on {len(saved)} {self.label_kind} but the data has {len(now[key])} (or other "
+                    f"names); resume on the same data, or start from it with --initial-checkpoint {path} and a new --output"
+                )
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, *, use_ema: bool = False) -> tuple[nn.Module, "Task"]:

@@ -13,7 +13,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from ...checkpoint import CheckpointError, load_checkpoint
+from ...checkpoint import load_checkpoint
 from ...data import IMG_EXTENSIONS, ImageFolderDataset, build_transform, collate_skipping, find_split
 from ...engine.distributed import DistEnv
 from ...engine.preflight import SettingsError
@@ -78,6 +78,7 @@ class ClassificationTask(Task):
     name = "classification"
     settings = ClassificationConfig
     presets = PRESETS
+    default_preset = staticmethod(default_preset)
     state_keys = ("class_to_idx",)
     evaluator = staticmethod(evaluate)
     best_metric = "top1"
@@ -97,10 +98,6 @@ class ClassificationTask(Task):
     @property
     def num_classes(self) -> int:
         return len(self.class_to_idx)
-
-    @classmethod
-    def default_preset(cls, given: dict[str, Any]) -> str | None:
-        return default_preset(given)
 
     def check_settings(self) -> list[str]:
         cfg = self.cfg
@@ -193,11 +190,3 @@ class ClassificationTask(Task):
 
     def restore(self, state: dict[str, Any]) -> None:
         self.class_to_idx = dict(state["class_to_idx"])
-
-    def check_resume(self, checkpoint: dict[str, Any], path: Path) -> None:
-        saved = checkpoint.get("class_to_idx")
-        if saved is not None and saved != self.class_to_idx:
-            raise CheckpointError(
-                f"{path} was trained on {len(saved)} classes but the data has {self.num_classes} (or other "
-                f"names); resume on the same data, or fine-tune from it with --initial-checkpoint {path} and a new --output"
-            )

@@ -13,7 +13,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ...checkpoint import CheckpointError
 from ...engine.distributed import DistEnv
 from ...engine.task import Task
 from ..registry import register_task
@@ -100,7 +99,9 @@ class DetectionTask(Task):
     name = "detection"
     settings = DetectionConfig
     presets = DET_PRESETS
+    default_preset = staticmethod(default_preset)
     state_keys = ("categories",)
+    label_kind = "categories"
     evaluator = staticmethod(evaluate_detector)
     best_metric = "bbox_AP"
     best_metric_label = "box AP"
@@ -114,10 +115,6 @@ class DetectionTask(Task):
     @property
     def num_classes(self) -> int:
         return len(self.categories)
-
-    @classmethod
-    def default_preset(cls, given: dict[str, Any]) -> str | None:
-        return default_preset(given)
 
     def make_demo_data(self, root: Path, *, progress: bool) -> Path:
         return make_det_demo_dataset(root, progress=progress)
@@ -165,15 +162,6 @@ class DetectionTask(Task):
 
     def restore(self, state: dict[str, Any]) -> None:
         self.categories = list(state["categories"])
-
-    def check_resume(self, checkpoint: dict[str, Any], path: Path) -> None:
-        saved = checkpoint.get("categories")
-        if saved is not None and saved != self.categories:
-            raise CheckpointError(
-                f"{path} was trained on {len(saved)} categories but the data has {self.num_classes} (or other ids "
-                f"or names); resume on the same data, or start from its backbone with --initial-checkpoint {path} "
-                f"and a new --output"
-            )
 
 
 def format_ap_table(metrics: dict[str, float]) -> str:

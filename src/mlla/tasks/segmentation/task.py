@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...checkpoint import CheckpointError
 from ...engine.distributed import DistEnv
 from ...engine.task import Task
 from ..registry import register_task
@@ -55,6 +54,7 @@ class SegmentationTask(Task):
     name = "segmentation"
     settings = SegmentationConfig
     presets = PRESETS
+    default_preset = staticmethod(default_preset)
     state_keys = ("seg_classes",)
     evaluator = staticmethod(evaluate_segmentation)
     best_metric = "mIoU"
@@ -70,10 +70,6 @@ class SegmentationTask(Task):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-    @classmethod
-    def default_preset(cls, given: dict[str, Any]) -> str | None:
-        return default_preset(given)
 
     def make_demo_data(self, root: Path, *, progress: bool) -> Path:
         return make_seg_demo_dataset(root, progress=progress)
@@ -154,11 +150,3 @@ class SegmentationTask(Task):
 
     def restore(self, state: dict[str, Any]) -> None:
         self.classes = list(state["seg_classes"])
-
-    def check_resume(self, checkpoint: dict[str, Any], path: Path) -> None:
-        saved = checkpoint.get("seg_classes")
-        if saved is not None and list(saved) != self.classes:
-            raise CheckpointError(
-                f"{path} was trained on {len(saved)} classes but the data has {self.num_classes} (or other names); "
-                f"resume on the same data, or start from it with --initial-checkpoint {path} and a new --output"
-            )
