@@ -366,8 +366,10 @@ def test_det_cli_eval_prints_the_ap_table_and_predict_draws_pictures(det_data, t
     assert main(["det", "eval", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--data-dir", str(det_data), "-j", "0", "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert {"bbox_AP", "segm_AP", "bbox_AP50", "segm_APl", "images"} <= set(metrics) and metrics["images"] == 4
-    assert main(["det", "eval", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--data-dir", str(det_data), "-j", "0"]) == 0
-    assert "| box |" in capsys.readouterr().out
+    # without --data-dir: the run's data and validation split, from its saved settings
+    assert main(["det", "eval", "--checkpoint", str(tmp_path / "run" / "last.pth"), "-j", "0", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| box |" in out and f"on {det_data} val (4 images)" in out
     folder = tmp_path / "pictures"
     folder.mkdir()
     for name in ("00000.png", "00001.png"):

@@ -51,7 +51,6 @@ class TrainConfig:
     num_classes: int | None = setting(None, "check the data has this many classes (default: as many as it has)", group=_MODEL)
     drop_path: float | None = setting(None, "stochastic depth rate (default: the model's)", group=_MODEL)
     initial_checkpoint: str | None = setting(None, "start from these weights (a training checkpoint gives its raw weights)", group=_MODEL)
-    grad_checkpointing: bool = setting(False, "recompute activations in backward (less memory)", group=_MODEL)
     channels_last: bool = setting(False, "channels-last input memory format", group=_MODEL)
     sync_bn: bool = setting(False, "BatchNorm statistics over all processes", group=_MODEL)
     # data
@@ -156,10 +155,20 @@ def _check_keys(cls: type[TrainConfig], values: Mapping[str, Any], source: str) 
                          f"of the {task} task; its settings are the flags of its train command's --help")
 
 
+#: Keys every settings mapping a run saves holds (its ``config.yaml``, a checkpoint's ``config``),
+#: in the flat format of runs saved before each task had its own settings as today.
+_SAVED_RUN_KEYS = frozenset((
+    "task", "model", "model_kwargs", "num_classes", "drop_path", "initial_checkpoint", "data_dir", "train_split",
+    "val_split", "workers", "output", "resume", "seed", "device", "epochs", "batch_size", "opt", "opt_betas",
+    "weight_decay", "lr", "lr_base", "warmup_lr_base", "min_lr_base", "lr_base_size", "warmup_epochs", "clip_grad",
+    "amp", "model_ema", "model_ema_decay",
+))
+
+
 def _from_saved_run(cls: type[TrainConfig], values: dict[str, Any], source: str) -> dict[str, Any]:
-    """A run saved before each task had its own settings wrote all tasks' settings in one flat
-    mapping: keep the ones ``cls`` has (a mapping holding every shared setting is such a file)."""
-    if not set(TrainConfig.__dataclass_fields__) <= set(values):
+    """A run saved before each task had its own settings wrote every task's settings in one flat
+    mapping: keep the ones ``cls`` has (a mapping holding all :data:`_SAVED_RUN_KEYS` was saved by a run)."""
+    if not _SAVED_RUN_KEYS <= set(values):
         return values
     other = sorted(k for k in values if k not in cls.__dataclass_fields__)
     if other:

@@ -169,8 +169,6 @@ class Trainer:
     def _build_model(self) -> None:
         cfg, env = self.cfg, self.env
         model = self.task.build_model()
-        if cfg.grad_checkpointing:
-            model.set_grad_checkpointing(True)
         if cfg.sync_bn and env.distributed:
             model = convert_sync_batchnorm(model, env.device)
         model.to(env.device)

@@ -19,6 +19,7 @@ class ClassificationConfig(TrainConfig):
 
     task: str = setting("classification", group="run", flag=False)
     initial_checkpoint_ema: bool = setting(False, "take the EMA weights of --initial-checkpoint instead", group="model")
+    grad_checkpointing: bool = setting(False, "recompute activations in backward (less memory)", group="model")
     img_size: int = setting(224, "input size (at least 32: the model downsamples by 32)", group="data")
     no_aug: bool = setting(False, "no augmentation at all (the evaluation transform)", group=_AUG)
     scale: tuple[float, float] = setting((0.08, 1.0), "random resized crop area range, e.g. 0.08,1", group=_AUG)

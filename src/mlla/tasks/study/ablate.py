@@ -98,7 +98,7 @@ STUDY_RECIPE: dict[str, Any] = dict(
 )
 
 # Settings that do not change what a variant learns: a finished variant is reused across them.
-_RUN_ONLY = ("output", "resume", "progress", "workers", "device", "tensorboard", "save_every_steps")
+_RUN_ONLY = ("output", "resume", "progress", "workers", "device", "tensorboard", "save_every_steps", "max_failed_fraction")
 
 
 @dataclass
