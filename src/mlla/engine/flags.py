@@ -123,11 +123,14 @@ def add_settings_arguments(
     for name, other in others.items():
         if other is task:
             continue
+        other_hints = typing.get_type_hints(other.settings)
         for f in dataclasses.fields(other.settings):
             if f.name not in cls.__dataclass_fields__ and f.metadata.get("flag", True) is not False:
-                owners.setdefault(f.name, []).append(f"the {name} task")
-    for name, who in owners.items():
-        parser.add_argument(flag_name(name), dest=f"_foreign_{name}", action=_RefuseForeign, task=task.name, owners=who)
+                flags = [flag_name(f.name)] + ([f"--no-{f.name.replace('_', '-')}"] if other_hints[f.name] is bool else [])
+                for flag in flags:
+                    owners.setdefault(flag, []).append(f"the {name} task")
+    for flag, who in owners.items():
+        parser.add_argument(flag, dest=f"_foreign_{flag}", action=_RefuseForeign, task=task.name, owners=who)
 
 
 def settings_from_args(task: type[Task], args: argparse.Namespace) -> TrainConfig:

@@ -31,8 +31,9 @@ class Task:
 
     Batches are ``(inputs, targets, n_skipped)`` triples made by :meth:`collate`: ``n_skipped``
     counts the samples of the batch that could not be loaded or transformed (the trainer sums and
-    reports them). Subclasses set :attr:`name` and :attr:`best_metric` and implement the methods
-    that raise ``NotImplementedError``.
+    reports them). Subclasses set :attr:`name`, :attr:`settings`, :attr:`presets`,
+    :attr:`best_metric` and :attr:`evaluator`, and implement the methods that raise
+    ``NotImplementedError`` (docs/architecture.md: how to add a task).
     """
 
     #: Short name (``settings.task``).
