@@ -1,9 +1,10 @@
 """``mlla seg``: semantic segmentation with UperNet on an MLLA backbone (``mlla.dense``).
 
 ``mlla seg train`` runs the one training engine with the segmentation task (its flags are the
-fields of :class:`~mlla.tasks.segmentation.settings.SegmentationConfig`); ``mlla seg eval`` prints mIoU / mAcc / aAcc of a
-checkpoint (single- or multi-scale, whole-image or sliding-window); ``mlla seg predict`` writes a
-colour-coded overlay with a legend next to each input image.
+fields of :class:`~mlla.tasks.segmentation.settings.SegmentationConfig`); ``mlla seg eval``
+prints mIoU / mAcc / aAcc of a checkpoint (single- or multi-scale, whole-image or
+sliding-window); ``mlla seg predict`` writes a colour-coded overlay with a legend next to each
+input image.
 """
 from __future__ import annotations
 
@@ -73,10 +74,9 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
     """(model on its device, task, device, predict_probs options) from the inference flags."""
     import torch
 
-    from ..tasks.segmentation.task import SegmentationTask
-
     from ..engine.distributed import pick_device
     from ..tasks.segmentation.evaluate import MS_RATIOS
+    from ..tasks.segmentation.task import SegmentationTask
 
     model, task = SegmentationTask.from_checkpoint(args.checkpoint, use_ema=args.use_ema)
     device = pick_device(args.device)
