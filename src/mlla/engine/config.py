@@ -63,7 +63,7 @@ class TrainConfig:
                                          "processes) fail to load or transform; failed samples are skipped and logged",
                                          group=_DATA)
     # run
-    output: str | None = setting(None, "run folder: config.yaml, last.pth, best.pth, metrics.* (default runs/MODEL)", group=_RUN)
+    output: str | None = setting(None, "run folder: config.yaml, last.pth, best.pth, metrics.* (default: under runs/, named after the model)", group=_RUN)
     resume: str | None = setting(None, "'auto' (OUTPUT/last.pth if there; says what it found) or a checkpoint path", group=_RUN)
     seed: int = setting(0, "random seed", group=_RUN)
     device: str = setting("auto", "auto, cpu, cuda", group=_RUN)
@@ -83,7 +83,7 @@ class TrainConfig:
     min_lr_base: float = setting(5e-6, "final rate at a total batch of --lr-base-size", group=_OPT)
     lr_base_size: int = setting(512, "the total batch the rates are given for", group=_OPT)
     warmup_epochs: float = setting(20, "warm-up in epochs", group=_OPT)
-    warmup_steps: int | None = setting(None, "warm-up in optimizer steps (overrides --warmup-epochs)", group=_OPT)
+    warmup_steps: int | None = setting(None, "warm-up in optimizer steps (overrides --warmup-epochs; none: use that)", group=_OPT)
     sched: str = setting("cosine", "decay after the warm-up", group=_OPT, choices=("cosine", "step", "poly"))
     decay_milestones: tuple[float, ...] = setting((), "epochs at which 'step' multiplies the rate by --decay-rate, e.g. 8,11", group=_OPT)
     decay_rate: float = setting(0.1, "factor of each 'step' decay", group=_OPT)

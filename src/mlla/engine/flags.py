@@ -76,10 +76,7 @@ def _argument(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
         parse = hint
     else:
         raise TypeError(f"setting {f.name}: no flag for type {hint!r}")
-    if optional:
-        parse = _optional(parse)
-        options["help"] = f"{options['help']} (none: off)" if options["help"] else None
-    return dict(options, type=parse)
+    return dict(options, type=_optional(parse) if optional else parse)
 
 
 class _RefuseForeign(argparse.Action):

@@ -24,7 +24,7 @@ class ClassificationConfig(TrainConfig):
     no_aug: bool = setting(False, "no augmentation at all (the evaluation transform)", group=_AUG)
     scale: tuple[float, float] = setting((0.08, 1.0), "random resized crop area range, e.g. 0.08,1", group=_AUG)
     hflip: float = setting(0.5, "horizontal flip probability", group=_AUG)
-    aa: str | None = setting("rand-m9-mstd0.5-inc1", "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1", group=_AUG)
+    aa: str | None = setting("rand-m9-mstd0.5-inc1", "timm auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (none: off)", group=_AUG)
     color_jitter: float = setting(0.4, "colour jitter strength", group=_AUG)
     reprob: float = setting(0.25, "random erasing probability", group=_AUG)
     remode: str = setting("pixel", "random erasing mode", group=_AUG)
