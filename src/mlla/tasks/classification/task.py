@@ -161,7 +161,8 @@ class ClassificationTask(Task):
         if cfg.drop_path is not None:
             kwargs["drop_path_rate"] = cfg.drop_path
         model = create_model(cfg.model, **kwargs)
-        model.set_grad_checkpointing(cfg.grad_checkpointing)
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
         if cfg.initial_checkpoint:
             load_checkpoint(model, cfg.initial_checkpoint, allow_head_mismatch=True, use_ema=cfg.initial_checkpoint_ema)
             _logger.info("initial weights from %s%s", cfg.initial_checkpoint, " (EMA)" if cfg.initial_checkpoint_ema else "")
