@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,43 @@ def test_a_flag_of_another_task_is_refused_naming_the_task(argv, capsys):
     err = capsys.readouterr().err
     task = {"seg": "segmentation", "det": "detection", "train": "classification"}[argv[0]]
     assert f"{argv[-2]} does not apply to the {task} task" in err
+
+
+def _doc_command_lines() -> list[tuple[str, list[str]]]:
+    """``(file, argv)`` of each ``mlla ...`` (or ``torchrun ... -m mlla.cli ...``) line in a shell
+    block of README.md and docs/ (continuation lines joined, comments dropped)."""
+    root = SRC.parents[1]
+    found = []
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        in_block, lang, line = False, "", ""
+        for raw in path.read_text().splitlines():
+            if raw.startswith("```"):
+                in_block, lang = not in_block, raw[3:].strip()
+                continue
+            if not in_block or lang not in ("", "bash", "sh"):
+                continue
+            line += raw.rstrip("\\")
+            if raw.endswith("\\"):
+                continue
+            command, line = line.split(" #")[0].strip(), ""
+            match = re.match(r"^(?:\S*/)?(?:mlla|torchrun .*? -m mlla\.cli)\s+([a-z].*)$", command)
+            if match and "..." not in command and "[" not in command:
+                found.append((path.name, shlex.split(match.group(1))))
+    return found
+
+
+def test_every_command_line_in_the_docs_parses(capsys):
+    lines = [(name, argv) for name, argv in _doc_command_lines() if argv[0] in _command_names()]
+    assert len(lines) > 30
+    refused = []
+    for name, argv in lines:
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as e:
+            if e.code:
+                refused.append(f"{name}: mlla {' '.join(argv)}: {capsys.readouterr().err.strip().splitlines()[-1]}")
+    assert not refused, "\n".join(refused)
+
+
+def _command_names() -> set[str]:
+    return set(next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices)
