@@ -221,6 +221,43 @@ def test_detections_map_labels_back_to_the_original_category_ids():
     assert masks[0]["category_id"] == 5 and mask_utils.area(masks[0]["segmentation"]) == 200
 
 
+def _mixed_size_val_set(root: Path) -> CocoDetection:
+    sizes = [(64, 48), (48, 64), (80, 60), (64, 48), (56, 72), (48, 64), (64, 48), (72, 40)]
+    images = [img(i + 1, w, h) for i, (w, h) in enumerate(sizes)]
+    anns = [dict(image_id=i + 1, category_id=(1, 5)[i % 2], bbox=[4, 4, w // 2, h // 2]) for i, (w, h) in enumerate(sizes)]
+    return CocoDetection(write_coco(root, images, anns, split="val"), root / "val")
+
+
+def test_detections_do_not_depend_on_the_batch_size_on_mixed_image_sizes(tmp_path):
+    from mlla.tasks.detection.task import detect_by_size
+
+    torch.manual_seed(0)
+    model = small_rcnn(2, box_score_thresh=0.0).eval()
+    dataset = _mixed_size_val_set(tmp_path)
+    images = [dataset[i][0] for i in range(len(dataset))]
+    with torch.no_grad():
+        alone = [model([im])[0] for im in images]
+        # What the grouping prevents: in one padded batch, the backbone's global attention sees
+        # the padding and an image's detections change.
+        padded = model(images[:2])
+        assert not torch.allclose(padded[0]["scores"][:5], alone[0]["scores"][:5], atol=1e-4)
+        for batch in (2, 4):
+            grouped = [out for i in range(0, len(images), batch) for out in detect_by_size(model, images[i:i + batch])]
+            for a, b in zip(alone, grouped):
+                assert len(a["scores"]) > 0 and a["boxes"].shape == b["boxes"].shape
+                # Equal up to float32 rounding of batched matrix products.
+                for key in ("boxes", "scores", "masks"):
+                    torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4)
+                assert torch.equal(b["labels"], a["labels"])
+    metrics = {}
+    for batch in (1, 4):
+        loader = build_loader(dataset, batch, is_training=False, workers=0, seed=0, collate_fn=collate_detection)
+        metrics[batch] = evaluate_detector(model, loader, progress=False)
+    assert metrics[1]["images"] == metrics[4]["images"] == 8
+    for key, value in metrics[1].items():
+        assert metrics[4][key] == pytest.approx(value, abs=1e-6), key
+
+
 # ----------------------------------------------------------------------------------- bad input
 def test_bad_coco_input_is_counted_and_cleaned(tmp_path, caplog):
     images = [img(1), img(2), img(3), img(4, draw=False), img(5, 20, 12), img(6)]
