@@ -324,8 +324,43 @@ def test_unusable_coco_files_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="annotations"):
         CocoDetection(tmp_path / "x.json", tmp_path)
     ann = write_coco(tmp_path / "d", [img(1, draw=False)], [dict(image_id=1, category_id=1, bbox=[1, 1, 5, 5])])
-    with pytest.raises(ValueError, match="none of the images"):
+    with pytest.raises(ValueError, match="none of the 1 images of .*instances_train.json is in .*train; check --data-dir"):
         CocoDetection(ann, tmp_path / "d" / "train")
+    (tmp_path / "list.json").write_text(json.dumps([dict(id=1)]))
+    with pytest.raises(ValueError, match=r"list\.json: the top level is a JSON list; a COCO instances file is an object"):
+        CocoDetection(tmp_path / "list.json", tmp_path)
+    no_images = write_coco(tmp_path / "e", [], [], split="val")
+    with pytest.raises(ValueError, match=r"instances_val\.json lists no images \(its 'images' list is empty\)"):
+        CocoDetection(no_images, tmp_path / "e" / "val")
+
+
+def test_an_annotation_with_a_bad_box_is_dropped_counted_and_named(tmp_path, caplog):
+    images = [img(1), img(2)]
+    anns = [dict(image_id=1, category_id=1, bbox=[4, 4, 30, 20]), dict(image_id=2, category_id=5, bbox=[2, 2, 20, 20])]
+    ann = write_coco(tmp_path, images, anns, split="val")
+    data = json.loads(ann.read_text())
+    data["annotations"] += [dict(id=77, image_id=1, category_id=1, bbox=["x", 4, 10, 10], iscrowd=0),
+                            dict(id=78, image_id=2, category_id=5, bbox=[1, 2, 3], iscrowd=0)]
+    ann.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING):
+        val = CocoDetection(ann, tmp_path / "val")
+    assert val.counts["bad_annotations"] == 2
+    assert "2 annotations dropped" in caplog.text and "instances_val.json" in caplog.text
+    assert "annotation 77 has bbox ['x', 4, 10, 10], not four finite numbers" in caplog.text and "annotation 78" in caplog.text
+    assert [a["id"] for a in val.coco_gt_data["annotations"]] == [1, 2]  # neither scored nor trained on
+    assert len(val.coco_gt.getAnnIds()) == 2
+
+
+def test_the_log_says_what_evaluation_does_with_a_zero_width_box(tmp_path, caplog):
+    anns = [dict(image_id=1, category_id=1, bbox=[4, 4, 30, 20]), dict(image_id=1, category_id=5, bbox=[10, 10, 0, 20])]
+    ann = write_coco(tmp_path, [img(1)], anns, split="val")
+    with caplog.at_level(logging.INFO, logger="mlla"):
+        val = CocoDetection(ann, tmp_path / "val")
+        train = CocoDetection(ann, tmp_path / "val", train=True)
+    assert len(val.coco_gt.getAnnIds()) == 2  # COCOeval scores the zero-width box
+    assert "boxes under 1 pixel or outside the image: 1 (scored as annotated" in caplog.text
+    assert train.counts["dropped_boxes"] == 1 and "dropped boxes (under 1 pixel or outside the image): 1" in caplog.text
+    assert len(train[0][1]["boxes"]) == 1  # not a training target
 
 
 # ------------------------------------------------------------------ the task in the one trainer
