@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -440,6 +441,16 @@ def test_det_cli_eval_prints_the_ap_table_and_predict_draws_pictures(det_data, t
     assert {"bbox_AP", "segm_AP", "bbox_AP50", "segm_APl", "images"} <= set(metrics) and metrics["images"] == 4
     assert main(["det", "eval", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--data-dir", str(det_data), "-j", "0"]) == 0
     assert "| box |" in capsys.readouterr().out
+    # A warning logged while the progress bar runs (an unreadable image) is a line of its own.
+    broken = tmp_path / "broken"
+    shutil.copytree(det_data, broken)
+    (broken / "val" / "00002.png").write_bytes(b"\x89PNG cut short")
+    env = dict(os.environ, PYTHONPATH=str(Path(mlla.__file__).parents[1]), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "mlla.cli", "det", "eval", "--checkpoint", str(tmp_path / "run" / "last.pth"),
+                           "--data-dir", str(broken), "-j", "0", "-b", "1", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert "evaluate:" in proc.stderr  # the bar was drawn
+    warnings = [line for line in proc.stderr.split("\n") if "skipping image" in line]
+    assert warnings and all(line.split("\r")[-1].startswith("WARNING mlla") for line in warnings), proc.stderr
     folder = tmp_path / "pictures"
     folder.mkdir()
     for name in ("00000.png", "00001.png"):
