@@ -458,9 +458,31 @@ def test_det_cli_eval_prints_the_ap_table_and_predict_draws_pictures(det_data, t
     (folder / "notes.txt").write_text("not an image")
     assert main(["det", "predict", str(folder), "--checkpoint", str(tmp_path / "run" / "last.pth"), "--score-threshold", "0"]) == 0
     out = Image.open(folder / "00000.png.det.png")
-    assert out.size == (64, 64)
+    assert out.size == (512, 512)  # enlarged 8 times: a 64-pixel picture would be unreadable
     assert main(["det", "eval", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--data-dir", str(tmp_path)]) == 2
     assert "expected" in capsys.readouterr().err
+
+
+def test_detection_pictures_are_enlarged_and_labels_readable_inside_the_picture():
+    from mlla.tasks.detection.visualize import draw_detections
+
+    image = torch.full((3, 48, 64), 40, dtype=torch.uint8)
+    det = dict(boxes=torch.tensor([[50.0, 2, 64, 20], [5, 30, 20, 46]]), labels=torch.tensor([3, 1]),
+               scores=torch.tensor([0.9, 0.6]), masks=torch.zeros(2, 1, 48, 64))
+    det["masks"][0, 0, 2:20, 50:64] = 1
+    picture = draw_detections(image, det, {1: "circle", 2: "square", 3: "triangle"})
+    assert picture.size == (640, 480)  # 48 px high: enlarged 10 times (to at least 480)
+    pixels = np.asarray(picture)
+    # The label of the box at the top-right corner: a box of its class colour (yellow), inside the
+    # picture although the detection touches two edges, holding dark text.
+    yellow = np.all(pixels == (255, 225, 25), axis=-1)
+    ys, xs = yellow.nonzero()
+    assert len(ys) > 500 and xs.max() < 640 and ys.min() >= 0
+    label = pixels[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    assert (label.sum(-1) < 60).sum() > 50  # black text on yellow, not yellow on yellow
+    red_label = np.all(pixels == (230, 25, 75), axis=-1)
+    assert (pixels[red_label.nonzero()[0].min():red_label.nonzero()[0].max() + 1,
+                   red_label.nonzero()[1].min():red_label.nonzero()[1].max() + 1].min(-1) > 200).sum() > 50  # white on red
 
 
 def test_detector_flops_are_counted_as_the_paper_counts_them():
