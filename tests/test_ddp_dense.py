@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +46,19 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "last.pth", weights_only=True)["model"]
 
 
+def _train_on_one_and_two_processes(cfg, command: str, tmp_path: Path) -> None:
+    """``cfg`` on one process into ``tmp_path/one`` (in this process) and on two, with half the
+    batch each, into ``tmp_path/two`` (``mlla COMMAND train`` under torchrun); ``tmp_path/cfg.yaml`` holds ``cfg``."""
+    save_yaml(cfg, tmp_path / "cfg.yaml")
+    cfg.output = str(tmp_path / "one")
+    fit(cfg)
+    half = cfg.batch_size // 2
+    two = _torchrun("-m", "mlla.cli", command, "train", "--config", str(tmp_path / "cfg.yaml"), "--output",
+                    str(tmp_path / "two"), "--batch-size", str(half))
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert f"2 process(es) x batch {half} = {cfg.batch_size} images/step" in two.stderr
+
+
 _KILL_RANK_0_AT_STEP_3 = """
 import os, signal, sys
 import torch.distributed as dist
@@ -67,13 +79,7 @@ def test_two_process_detection_matches_one_process_and_resumes_after_kill_9(tmp_
         decay_milestones=(1,), hflip=0.5, drop_path=0.0, amp=False, model_ema=False, workers=0, progress=False,
         sync_bn=True, save_every_steps=1,
     ))
-    save_yaml(cfg, tmp_path / "cfg.yaml")
-    cfg.output = str(tmp_path / "one")
-    fit(cfg)
-    two = _torchrun("-m", "mlla.cli", "det", "train", "--config", str(tmp_path / "cfg.yaml"), "--output",
-                    str(tmp_path / "two"), "--batch-size", "1")
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "2 process(es) x batch 1 = 2 images/step, 4 steps/epoch" in two.stderr
+    _train_on_one_and_two_processes(cfg, "det", tmp_path)
 
     # Not bit for bit: torchvision averages each loss over the batch's sampled anchors, proposals
     # and masks, whose numbers differ between images, so a batch of 2 weighs the two images by
@@ -130,13 +136,7 @@ def test_two_process_segmentation_matches_one_process(tmp_path):
         val_split="validation", model_ema=False, drop_path=0.0, sync_bn=True,
         model_kwargs=dict(dropout=0.0),  # each process would draw its own dropout masks
     ))
-    save_yaml(cfg, tmp_path / "cfg.yaml")
-    cfg.output = str(tmp_path / "one")
-    fit(cfg)
-    two = _torchrun("-m", "mlla.cli", "seg", "train", "--config", str(tmp_path / "cfg.yaml"), "--output",
-                    str(tmp_path / "two"), "--batch-size", "2")
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "2 process(es) x batch 2 = 4 images/step" in two.stderr
+    _train_on_one_and_two_processes(cfg, "seg", tmp_path)
     wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for k, v in wa.items():
         if v.is_floating_point():
