@@ -139,11 +139,8 @@ class FailureLog:
                     example[kind] = min(example.get(kind, path), path)
         raise TooManyFailedSamples(self.message(failed, samples, kinds, example))
 
-    def commonest(self) -> tuple[str, int, str] | None:
-        """``(kind, count, example file)`` of the commonest failure so far (of this process)."""
-        return _commonest(self.kinds, self.example)
-
     def message(self, failed: int, samples: int, kinds: Counter[str], example: dict[str, str]) -> str:
+        """The error for ``failed`` of ``samples`` (all processes), naming the commonest of ``kinds``."""
         share = 100 * failed / max(samples, 1)
         text = (
             f"{failed} of the {samples} {self.name} samples of this pass failed ({share:.1f}%), "
@@ -157,6 +154,7 @@ class FailureLog:
 
 
 def _commonest(kinds: Counter[str], example: dict[str, str]) -> tuple[str, int, str] | None:
+    """``(kind, count, example file)`` of the commonest failure, or None."""
     if not kinds:
         return None
     kind, count = min(kinds.items(), key=lambda kv: (-kv[1], kv[0]))  # ties: by name, the same everywhere
