@@ -72,3 +72,14 @@ def test_the_demo_models_parameter_count_is_the_one_quoted():
         assert count in (ROOT / page).read_text(), f"{page} should quote the demo model's {count} parameters"
     assert "num_classes=10, embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)" in (ROOT / "docs/training.md").read_text()
     assert demo["model_kwargs"] == dict(embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8)) and len(DEMO_CLASSES) == 10
+
+
+def test_the_quoted_demo_accuracy_is_the_committed_runs():
+    import json
+
+    run = json.loads((ROOT / "docs" / "results" / "make_demo.json").read_text())
+    final = run["rows"][-1]
+    assert run["final"] == dict(val_top1=final["val_top1"], ema_top1=final["ema_top1"]) and final["epoch"] == 6
+    readme = (ROOT / "README.md").read_text()
+    assert f"the latest gave {final['val_top1']:.1f}% (EMA\n{final['ema_top1']:.1f}%)" in readme
+    assert f"| 4 | {final['val_top1']:.1f} % | {final['ema_top1']:.1f} % |" in (ROOT / "docs" / "training.md").read_text()
