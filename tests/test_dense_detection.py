@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -221,6 +222,43 @@ def test_detections_map_labels_back_to_the_original_category_ids():
     assert masks[0]["category_id"] == 5 and mask_utils.area(masks[0]["segmentation"]) == 200
 
 
+def _mixed_size_val_set(root: Path) -> CocoDetection:
+    sizes = [(64, 48), (48, 64), (80, 60), (64, 48), (56, 72), (48, 64), (64, 48), (72, 40)]
+    images = [img(i + 1, w, h) for i, (w, h) in enumerate(sizes)]
+    anns = [dict(image_id=i + 1, category_id=(1, 5)[i % 2], bbox=[4, 4, w // 2, h // 2]) for i, (w, h) in enumerate(sizes)]
+    return CocoDetection(write_coco(root, images, anns, split="val"), root / "val")
+
+
+def test_detections_do_not_depend_on_the_batch_size_on_mixed_image_sizes(tmp_path):
+    from mlla.tasks.detection.task import detect_by_size
+
+    torch.manual_seed(0)
+    model = small_rcnn(2, box_score_thresh=0.0).eval()
+    dataset = _mixed_size_val_set(tmp_path)
+    images = [dataset[i][0] for i in range(len(dataset))]
+    with torch.no_grad():
+        alone = [model([im])[0] for im in images]
+        # What the grouping prevents: in one padded batch, the backbone's global attention sees
+        # the padding and an image's detections change.
+        padded = model(images[:2])
+        assert not torch.allclose(padded[0]["scores"][:5], alone[0]["scores"][:5], atol=1e-4)
+        for batch in (2, 4):
+            grouped = [out for i in range(0, len(images), batch) for out in detect_by_size(model, images[i:i + batch])]
+            for a, b in zip(alone, grouped):
+                assert len(a["scores"]) > 0 and a["boxes"].shape == b["boxes"].shape
+                # Equal up to float32 rounding of batched matrix products.
+                for key in ("boxes", "scores", "masks"):
+                    torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-4)
+                assert torch.equal(b["labels"], a["labels"])
+    metrics = {}
+    for batch in (1, 4):
+        loader = build_loader(dataset, batch, is_training=False, workers=0, seed=0, collate_fn=collate_detection)
+        metrics[batch] = evaluate_detector(model, loader, progress=False)
+    assert metrics[1]["images"] == metrics[4]["images"] == 8
+    for key, value in metrics[1].items():
+        assert metrics[4][key] == pytest.approx(value, abs=1e-6), key
+
+
 # ----------------------------------------------------------------------------------- bad input
 def test_bad_coco_input_is_counted_and_cleaned(tmp_path, caplog):
     images = [img(1), img(2), img(3), img(4, draw=False), img(5, 20, 12), img(6)]
@@ -287,8 +325,43 @@ def test_unusable_coco_files_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="annotations"):
         CocoDetection(tmp_path / "x.json", tmp_path)
     ann = write_coco(tmp_path / "d", [img(1, draw=False)], [dict(image_id=1, category_id=1, bbox=[1, 1, 5, 5])])
-    with pytest.raises(ValueError, match="none of the images"):
+    with pytest.raises(ValueError, match="none of the 1 images of .*instances_train.json is in .*train; check --data-dir"):
         CocoDetection(ann, tmp_path / "d" / "train")
+    (tmp_path / "list.json").write_text(json.dumps([dict(id=1)]))
+    with pytest.raises(ValueError, match=r"list\.json: the top level is a JSON list; a COCO instances file is an object"):
+        CocoDetection(tmp_path / "list.json", tmp_path)
+    no_images = write_coco(tmp_path / "e", [], [], split="val")
+    with pytest.raises(ValueError, match=r"instances_val\.json lists no images \(its 'images' list is empty\)"):
+        CocoDetection(no_images, tmp_path / "e" / "val")
+
+
+def test_an_annotation_with_a_bad_box_is_dropped_counted_and_named(tmp_path, caplog):
+    images = [img(1), img(2)]
+    anns = [dict(image_id=1, category_id=1, bbox=[4, 4, 30, 20]), dict(image_id=2, category_id=5, bbox=[2, 2, 20, 20])]
+    ann = write_coco(tmp_path, images, anns, split="val")
+    data = json.loads(ann.read_text())
+    data["annotations"] += [dict(id=77, image_id=1, category_id=1, bbox=["x", 4, 10, 10], iscrowd=0),
+                            dict(id=78, image_id=2, category_id=5, bbox=[1, 2, 3], iscrowd=0)]
+    ann.write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING):
+        val = CocoDetection(ann, tmp_path / "val")
+    assert val.counts["bad_annotations"] == 2
+    assert "2 annotations dropped" in caplog.text and "instances_val.json" in caplog.text
+    assert "annotation 77 has bbox ['x', 4, 10, 10], not four finite numbers" in caplog.text and "annotation 78" in caplog.text
+    assert [a["id"] for a in val.coco_gt_data["annotations"]] == [1, 2]  # neither scored nor trained on
+    assert len(val.coco_gt.getAnnIds()) == 2
+
+
+def test_the_log_says_what_evaluation_does_with_a_zero_width_box(tmp_path, caplog):
+    anns = [dict(image_id=1, category_id=1, bbox=[4, 4, 30, 20]), dict(image_id=1, category_id=5, bbox=[10, 10, 0, 20])]
+    ann = write_coco(tmp_path, [img(1)], anns, split="val")
+    with caplog.at_level(logging.INFO, logger="mlla"):
+        val = CocoDetection(ann, tmp_path / "val")
+        train = CocoDetection(ann, tmp_path / "val", train=True)
+    assert len(val.coco_gt.getAnnIds()) == 2  # COCOeval scores the zero-width box
+    assert "boxes under 1 pixel or outside the image: 1 (scored as annotated" in caplog.text
+    assert train.counts["dropped_boxes"] == 1 and "dropped boxes (under 1 pixel or outside the image): 1" in caplog.text
+    assert len(train[0][1]["boxes"]) == 1  # not a training target
 
 
 # ------------------------------------------------------------------ the task in the one trainer
@@ -370,6 +443,17 @@ def test_det_cli_eval_prints_the_ap_table_and_predict_draws_pictures(det_data, t
     assert main(["det", "eval", "--checkpoint", str(tmp_path / "run" / "last.pth"), "-j", "0", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "| box |" in out and f"on {det_data} val (4 images)" in out
+    # A warning logged while the progress bar runs (an unreadable image) is a line of its own.
+    broken = tmp_path / "broken"
+    shutil.copytree(det_data, broken)
+    (broken / "val" / "00002.png").write_bytes(b"\x89PNG cut short")
+    env = dict(os.environ, PYTHONPATH=str(Path(mlla.__file__).parents[1]), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "mlla.cli", "det", "eval", "--checkpoint", str(tmp_path / "run" / "last.pth"),
+                           "--data-dir", str(broken), "-j", "0", "-b", "1", "--json", "--max-failed-fraction", "0.5"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "evaluate:" in proc.stderr  # the bar was drawn
+    warnings = [line for line in proc.stderr.split("\n") if "skipping image" in line]
+    assert warnings and all(line.split("\r")[-1].startswith("WARNING mlla") for line in warnings), proc.stderr
     folder = tmp_path / "pictures"
     folder.mkdir()
     for name in ("00000.png", "00001.png"):
@@ -377,9 +461,31 @@ def test_det_cli_eval_prints_the_ap_table_and_predict_draws_pictures(det_data, t
     (folder / "notes.txt").write_text("not an image")
     assert main(["det", "predict", str(folder), "--checkpoint", str(tmp_path / "run" / "last.pth"), "--score-threshold", "0"]) == 0
     out = Image.open(folder / "00000.png.det.png")
-    assert out.size == (64, 64)
+    assert out.size == (512, 512)  # enlarged 8 times: a 64-pixel picture would be unreadable
     assert main(["det", "eval", "--checkpoint", str(tmp_path / "run" / "last.pth"), "--data-dir", str(tmp_path)]) == 2
     assert "expected" in capsys.readouterr().err
+
+
+def test_detection_pictures_are_enlarged_and_labels_readable_inside_the_picture():
+    from mlla.tasks.detection.visualize import draw_detections
+
+    image = torch.full((3, 48, 64), 40, dtype=torch.uint8)
+    det = dict(boxes=torch.tensor([[50.0, 2, 64, 20], [5, 30, 20, 46]]), labels=torch.tensor([3, 1]),
+               scores=torch.tensor([0.9, 0.6]), masks=torch.zeros(2, 1, 48, 64))
+    det["masks"][0, 0, 2:20, 50:64] = 1
+    picture = draw_detections(image, det, {1: "circle", 2: "square", 3: "triangle"})
+    assert picture.size == (640, 480)  # 48 px high: enlarged 10 times (to at least 480)
+    pixels = np.asarray(picture)
+    # The label of the box at the top-right corner: a box of its class colour (yellow), inside the
+    # picture although the detection touches two edges, holding dark text.
+    yellow = np.all(pixels == (255, 225, 25), axis=-1)
+    ys, xs = yellow.nonzero()
+    assert len(ys) > 500 and xs.max() < 640 and ys.min() >= 0
+    label = pixels[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+    assert (label.sum(-1) < 60).sum() > 50  # black text on yellow, not yellow on yellow
+    red_label = np.all(pixels == (230, 25, 75), axis=-1)
+    assert (pixels[red_label.nonzero()[0].min():red_label.nonzero()[0].max() + 1,
+                   red_label.nonzero()[1].min():red_label.nonzero()[1].max() + 1].min(-1) > 200).sum() > 50  # white on red
 
 
 def test_detector_flops_are_counted_as_the_paper_counts_them():

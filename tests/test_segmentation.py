@@ -140,6 +140,25 @@ def test_evaluate_returns_the_documented_structure_with_hand_computed_scores(tmp
     assert (result["images"], result["skipped"]) == (2, 0)
 
 
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_evaluation_does_not_depend_on_the_batch_size_on_mixed_image_sizes(tmp_path, mode):
+    from mlla.tasks.segmentation.evaluate import segmentation_confusion
+
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(33, 41), (40, 35), (48, 48), (30, 60), (41, 33)]):
+        _write_pair(tmp_path, "validation", f"im{i}", rng.integers(0, 255, (h, w, 3), dtype=np.uint8), rng.integers(0, 4, (h, w)))
+    ds = SegmentationDataset(tmp_path, "validation", build_seg_transform(False), num_classes=3)
+    torch.manual_seed(0)
+    model = _tiny_model(3).eval()
+    confusion = {}
+    for batch in (1, 4):  # each image is inferred at its own size, whatever its batch
+        loader = build_loader(ds, batch, is_training=False, workers=0, seed=0, collate_fn=collate_segmentation)
+        confusion[batch] = segmentation_confusion(model, loader, 3, progress=False, scale=(64, 32), mode=mode, crop_size=32, stride=21)
+    assert confusion[1][1:] == confusion[4][1:] == (5, 0)
+    assert len(confusion[1][0].nonzero()) > 1  # more than one class predicted: a real comparison
+    assert torch.equal(confusion[1][0], confusion[4][0])
+
+
 def test_training_steps_lower_the_loss(demo):
     from mlla.tasks.segmentation.task import SegmentationTask
 
@@ -310,6 +329,19 @@ def test_bad_samples_are_counted_and_skipped_in_evaluation(bad_data, caplog):
     assert "is 50x30 but the image is 50x40" in log
     assert "holds label 9, beyond the 3 classes" in log and "--num-classes" in log
     assert "corrupt.png: unreadable" in log
+
+
+def test_unnamed_classes_are_called_by_their_value_in_the_annotation_files(tmp_path):
+    from mlla.engine.distributed import DistEnv
+    from mlla.tasks.segmentation.task import SegmentationTask
+
+    rng = np.random.default_rng(0)
+    _write_pair(tmp_path, "training", "a", rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), rng.integers(0, 4, (40, 40)))
+    for reduce_zero_label, names in ((True, ["label 1", "label 2", "label 3"]), (False, ["label 0", "label 1", "label 2"])):
+        task = SegmentationTask(TrainConfig(task="segmentation", num_classes=3, train_split="training",
+                                            seg_reduce_zero_label=reduce_zero_label))
+        task.build_datasets(tmp_path, DistEnv())
+        assert task.classes == names  # the legend of `mlla seg predict` names what the files hold
 
 
 def test_bad_samples_are_replaced_and_counted_in_training(bad_data):

@@ -8,6 +8,8 @@ import logging
 import pkgutil
 import sys
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from . import commands
 
 __all__ = ["build_parser", "configure_logging", "main"]
@@ -38,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:
-        return int(args.func(args) or 0)
+        with logging_redirect_tqdm():  # a message while a progress bar runs gets its own line above the bar
+            return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if args.verbose:
             raise

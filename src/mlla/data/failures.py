@@ -5,6 +5,11 @@ A dataset never logs: its ``__getitem__`` may run in a loader worker process, wh
 would repeat once per worker and epoch. It returns the failures with the sample
 (:class:`Skipped`), the batches carry them to the main process, and :class:`FailureLog` there
 logs each file once, counts, and raises :class:`TooManyFailedSamples` above the allowed fraction.
+
+Under ``torch.distributed`` the limit applies to the failures of all processes together: a check
+(:meth:`FailureLog.check`) sums the pass's counts over the processes, so every process raises
+at the same batch with the same message, and one process with batch ``W * b`` stops where ``W``
+processes with batch ``b`` do.
 """
 from __future__ import annotations
 
@@ -12,6 +17,9 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable
+
+import torch
+import torch.distributed as dist
 
 __all__ = ["FailureLog", "SampleFailure", "Skipped", "TooManyFailedSamples", "describe_error"]
 
@@ -71,11 +79,12 @@ class TooManyFailedSamples(RuntimeError):
 
 
 class FailureLog:
-    """Counts the failures of one process and logs each file once.
+    """Counts the failures of one process, logs each file once, and checks the failures of a pass
+    over the data (summed over all processes) against the allowed fraction.
 
     Args:
-        max_fraction: stop (raise :class:`TooManyFailedSamples`) as soon as the failures of a
-            pass over the data exceed this fraction of the pass's samples; ``None`` never stops.
+        max_fraction: stop (raise :class:`TooManyFailedSamples`) when the failures of a pass
+            exceed this fraction of the pass's samples; ``None`` never stops.
         name: what the data is (``'training'``, ``'validation'``), for the messages.
     """
 
@@ -83,7 +92,7 @@ class FailureLog:
         self.max_fraction = max_fraction
         self.name = name
         self.kinds: Counter[str] = Counter()  # over the whole run
-        self.example: dict[str, str] = {}  # kind -> a file that failed so
+        self.example: dict[str, str] = {}  # kind -> a file that failed so (the first by name)
         self.total = 0
         self.in_pass = 0
         self.pass_samples = 0
@@ -94,36 +103,71 @@ class FailureLog:
         self.in_pass, self.pass_samples = 0, samples
 
     def record(self, skipped: int) -> None:
-        """Count the failures behind a batch's ``skipped`` (a :class:`Skipped` or a plain int),
-        log new ones, and raise if the pass has too many."""
-        failures = getattr(skipped, "failures", ())
-        n = int(skipped)
-        for f in failures:
+        """Count the failures behind a batch's ``skipped`` (a :class:`Skipped` or a plain int)
+        and log new ones (no check: see :meth:`check`)."""
+        for f in getattr(skipped, "failures", ()):
             self.kinds[f.kind] += 1
-            self.example.setdefault(f.kind, f.path)
+            self.example[f.kind] = min(self.example.get(f.kind, f.path), f.path)
             if (f.path, f.kind) not in self._logged:
                 self._logged.add((f.path, f.kind))
                 _logger.warning("skipping %s sample %s (%s)", self.name, f.path, f.kind)
-        self.total += n
-        self.in_pass += n
-        if self.max_fraction is not None and n and self.in_pass > self.max_fraction * max(self.pass_samples, 1):
-            raise TooManyFailedSamples(self.message())
+        self.total += int(skipped)
+        self.in_pass += int(skipped)
 
-    def commonest(self) -> tuple[str, int, str] | None:
-        """``(kind, count, example file)`` of the commonest failure so far."""
-        if not self.kinds:
-            return None
-        kind, count = self.kinds.most_common(1)[0]
-        return kind, count, self.example[kind]
+    def check(self) -> None:
+        """Raise :class:`TooManyFailedSamples` if the pass so far has more failures than allowed.
 
-    def message(self) -> str:
-        share = 100 * self.in_pass / max(self.pass_samples, 1)
+        Under ``torch.distributed`` this is a collective call (every process must make it at
+        the same point): counts are summed over the processes and all raise the same error.
+        """
+        if self.max_fraction is None:
+            return
+        failed, samples = self.in_pass, self.pass_samples
+        distributed = _distributed()
+        if distributed:
+            failed, samples = (int(v) for v in _sum_over_processes([failed, samples]))
+        if failed <= self.max_fraction * max(samples, 1):
+            return
+        kinds, example = self.kinds, self.example
+        if distributed:  # every process names the same commonest failure
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (dict(self.kinds), self.example))
+            kinds, example = Counter(), {}
+            for k, e in gathered:
+                kinds.update(k)
+                for kind, path in e.items():
+                    example[kind] = min(example.get(kind, path), path)
+        raise TooManyFailedSamples(self.message(failed, samples, kinds, example))
+
+    def message(self, failed: int, samples: int, kinds: Counter[str], example: dict[str, str]) -> str:
+        """The error for ``failed`` of ``samples`` (all processes), naming the commonest of ``kinds``."""
+        share = 100 * failed / max(samples, 1)
         text = (
-            f"{self.in_pass} of the {self.pass_samples} {self.name} samples of this pass failed ({share:.1f}%), "
+            f"{failed} of the {samples} {self.name} samples of this pass failed ({share:.1f}%), "
             f"more than --max-failed-fraction {self.max_fraction} allows"
         )
-        common = self.commonest()
+        common = _commonest(kinds, example)
         if common:
-            kind, count, example = common
-            text += f"; the commonest failure ({count} times) is {kind}, e.g. {example}"
+            kind, count, path = common
+            text += f"; the commonest failure ({count} times) is {kind}, e.g. {path}"
         return text + ". Fix or remove those files (or the transform), or raise --max-failed-fraction"
+
+
+def _commonest(kinds: Counter[str], example: dict[str, str]) -> tuple[str, int, str] | None:
+    """``(kind, count, example file)`` of the commonest failure, or None."""
+    if not kinds:
+        return None
+    kind, count = min(kinds.items(), key=lambda kv: (-kv[1], kv[0]))  # ties: by name, the same everywhere
+    return kind, count, example[kind]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _sum_over_processes(values: list[int]) -> list[int]:
+    """``values`` summed over the default process group (on the GPU for NCCL)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()

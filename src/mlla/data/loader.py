@@ -74,23 +74,36 @@ def _worker_init(worker_id: int) -> None:
 class CountingLoader(DataLoader):
     """A ``DataLoader`` of ``(inputs, targets, skipped)`` batches that passes every batch's
     ``skipped`` to its :class:`~mlla.data.failures.FailureLog` (``failures``) in the main
-    process: each failed file is logged once, and a pass with too many failures raises
-    :class:`~mlla.data.failures.TooManyFailedSamples`."""
+    process: each failed file is logged once, and a pass with too many failures (over all
+    processes) raises :class:`~mlla.data.failures.TooManyFailedSamples`.
+
+    The limit is checked after every batch when the loader drops the last partial batch
+    (training: every process has the same number of batches, so the check's all-reduce lines
+    up), else once at the end of the pass (evaluation, where the processes' shares may differ
+    by a batch; a pass must then be iterated to its end on every process).
+    """
 
     def __init__(self, dataset: Dataset, *args: Any, failures: FailureLog, **kwargs: Any) -> None:
         super().__init__(dataset, *args, **kwargs)
         self.failures = failures
 
     def _pass_samples(self) -> int:
-        sampler = self.sampler
-        return len(sampler) + getattr(sampler, "start", 0)
+        """Samples this process takes in a whole pass (also when it starts mid-pass)."""
+        samples = len(self.sampler) + getattr(self.sampler, "start", 0)
+        if self.drop_last and self.batch_size:
+            samples -= samples % self.batch_size
+        return samples
 
     def __iter__(self) -> Iterator[Any]:
         self.failures.start_pass(self._pass_samples())
         for batch in super().__iter__():
             if isinstance(batch, (tuple, list)) and len(batch) == 3:
                 self.failures.record(batch[2])
+            if self.drop_last:
+                self.failures.check()
             yield batch
+        if not self.drop_last:
+            self.failures.check()
 
 
 def build_loader(

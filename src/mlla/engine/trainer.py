@@ -237,12 +237,19 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         self.best = dict(ckpt["best"])
-        self.meters = dict(ckpt["meters"])
         _logger.info("resumed from %s: epoch %d, step %d of %d", self.resume_from, self.epoch + 1, self.step_in_epoch, self.steps_per_epoch)
+        per_rank = ckpt.get("per_rank") or [dict(rng=ckpt["rng"], meters=ckpt["meters"])]
+        if len(per_rank) == self.env.world_size:  # each process continues where it was
+            self.meters = dict(per_rank[self.env.rank]["meters"])
+            return per_rank[self.env.rank]["rng"]
+        self.meters = {}  # another number of processes: the partial epoch's sums all go to rank 0
+        if self.env.is_main:
+            for own in per_rank:
+                self._count(**own["meters"])
         return ckpt["rng"]
 
     # ------------------------------------------------------------------------- checkpoints
-    def _state(self, rng: dict[str, Any]) -> dict[str, Any]:
+    def _state(self, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         return dict(
             model=self.model.state_dict(),
             model_ema=self.ema.module.state_dict() if self.ema else None,
@@ -253,15 +260,24 @@ class Trainer:
             step_in_epoch=self.step_in_epoch,
             global_step=self.global_step,
             best=self.best,
-            meters=dict(self.meters),
-            rng=rng,
+            meters=per_rank[0]["meters"],
+            rng=per_rank[0]["rng"],
+            # each process's own random state (e.g. detection's anchor sampling) and partial sums
+            per_rank=per_rank,
             config=self.cfg.to_dict(),
             **self.task.state(),
         )
 
     def save_last(self) -> None:
+        """Write ``last.pth`` (rank 0); a collective call: every process's random state and
+        partial-epoch sums go in."""
+        own = dict(rng=capture_rng(), meters=dict(self.meters))
+        per_rank = [own]
+        if self.env.distributed:
+            per_rank = [None] * self.env.world_size
+            torch.distributed.all_gather_object(per_rank, own)
         if self.env.is_main:
-            save_checkpoint(self._state(capture_rng()), self.output / "last.pth")
+            save_checkpoint(self._state(per_rank), self.output / "last.pth")
 
     def _save_best(self, row: dict[str, Any]) -> None:
         metric = self.task.best_metric

@@ -9,9 +9,11 @@ mid-epoch:
 - a crowd annotation (``iscrowd=1``): not a training target; COCO evaluation treats it as
   "ignore" regions, as the official evaluation does;
 - a box reaching outside the image: clipped to it; a box narrower or lower than 1 pixel (zero
-  width included) or entirely outside: dropped (``dropped_boxes``);
+  width included) or entirely outside: not a training target (``dropped_boxes``); evaluation
+  scores the annotations as given, as the official COCO evaluation does;
 - an annotation without a segmentation: its box is used as its mask (``box_only_masks``);
-- an annotation naming an unknown image or category: dropped (``bad_annotations``);
+- an annotation naming an unknown image or category, or whose ``bbox`` is not four finite
+  numbers: dropped from training and scoring, counted (``bad_annotations``) and logged with its id;
 - an image without (usable) annotations: skipped in training (``skip_empty=True``, as the
   paper's mmdetection recipe does; ``empty_images``) and kept in evaluation, where it can
   hold false positives;
@@ -105,11 +107,18 @@ class CocoDetection(Dataset):
             data = json.loads(self.annotation_file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{self.annotation_file} is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{self.annotation_file}: the top level is a JSON {type(data).__name__}; a COCO instances file is an "
+                "object with 'images', 'annotations' and 'categories' lists"
+            )
         for key in ("images", "annotations", "categories"):
             if not isinstance(data.get(key), list):
                 raise ValueError(f"{self.annotation_file} has no '{key}' list; expected a COCO instances JSON")
         if not data["categories"]:
             raise ValueError(f"{self.annotation_file} lists no categories")
+        if not data["images"]:
+            raise ValueError(f"{self.annotation_file} lists no images (its 'images' list is empty)")
         self.categories = sorted(({"id": int(c["id"]), "name": str(c["name"])} for c in data["categories"]), key=lambda c: c["id"])
         if categories is not None and [c["id"] for c in categories] != [c["id"] for c in self.categories]:
             raise ValueError(
@@ -127,11 +136,19 @@ class CocoDetection(Dataset):
                 raise ValueError(f"{self.annotation_file}: image entry {img} lacks id, file_name, width or height")
             images[int(img["id"])] = img
         anns_by_image: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
-        for ann in data["annotations"]:
-            if ann.get("image_id") not in images or ann.get("category_id") not in self.cat_id_to_label or "bbox" not in ann:
+        bad: list[str] = []
+        for n, ann in enumerate(data["annotations"]):
+            problem = _annotation_problem(ann, images, self.cat_id_to_label)
+            if problem:
                 self.counts["bad_annotations"] += 1
+                bad.append(f"annotation {ann.get('id', f'#{n}') if isinstance(ann, dict) else f'#{n}'} {problem}")
                 continue
             anns_by_image[ann["image_id"]].append(ann)
+        if bad:
+            _logger.warning(
+                "%s: %d annotations dropped (neither trained on nor scored): %s%s", self.annotation_file, len(bad),
+                "; ".join(bad[:3]), "; ..." if len(bad) > 3 else "",
+            )
         missing = [img["file_name"] for img in images.values() if not (self.image_dir / img["file_name"]).is_file()]
         images = {i: img for i, img in images.items() if img["file_name"] not in missing}
         self.counts["missing_images"] = len(missing)
@@ -141,7 +158,9 @@ class CocoDetection(Dataset):
                 self.annotation_file, len(missing), self.image_dir, missing[0],
             )
         if not images:
-            raise ValueError(f"none of the images of {self.annotation_file} is in {self.image_dir}; check --data-dir")
+            raise ValueError(
+                f"none of the {len(missing)} images of {self.annotation_file} is in {self.image_dir}; check --data-dir"
+            )
         # The ground truth COCO evaluation uses: every annotation of the images present.
         self.coco_gt_data = dict(
             images=[images[i] for i in sorted(images)],
@@ -159,11 +178,10 @@ class CocoDetection(Dataset):
             self.records.append((img, anns))
         if not self.records:
             raise ValueError(f"{self.annotation_file}: no image with usable annotations to train on ({self.counts})")
-        notes = {k: v for k, v in self.counts.items() if v}
+        empty = "skipped" if skip_empty else "kept"
+        notes = [_NOTES[k][train].format(n=v, empty=empty) for k, v in self.counts.items() if v and k != "bad_annotations"]
         if notes:
-            _logger.info("%s: %d images; %s", self.annotation_file, len(self.records),
-                         ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in notes.items())
-                         + (" (empty images skipped in training)" if train and skip_empty and self.counts["empty_images"] else ""))
+            _logger.info("%s: %d images; %s", self.annotation_file, len(self.records), "; ".join(notes))
         self._bad: set[int] = set()
         self._coco_gt = None
 
@@ -172,11 +190,7 @@ class CocoDetection(Dataset):
         if ann.get("iscrowd", 0):
             self.counts["crowd"] += 1
             return None
-        try:
-            x, y, w, h = (float(v) for v in ann["bbox"])
-        except (TypeError, ValueError):
-            self.counts["bad_annotations"] += 1
-            return None
+        x, y, w, h = (float(v) for v in ann["bbox"])
         x1, y1 = max(x, 0.0), max(y, 0.0)
         x2, y2 = min(x + w, float(img["width"])), min(y + h, float(img["height"]))
         if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or w < 1 or h < 1 or x2 - x1 < 1 or y2 - y1 < 1:
@@ -247,6 +261,37 @@ class CocoDetection(Dataset):
             f"unreadable; check the dataset"
         ))
         return None if sample is None else (*sample, int(bool(failed)))
+
+
+#: How each count of :attr:`CocoDetection.counts` reads in the log, (evaluation, training):
+#: what was done about it, for the data's use.
+_NOTES = {
+    "missing_images": ("images missing: {n} (left out)",) * 2,
+    "dropped_boxes": (
+        "boxes under 1 pixel or outside the image: {n} (scored as annotated, as the official COCO evaluation does)",
+        "dropped boxes (under 1 pixel or outside the image): {n}",
+    ),
+    "box_only_masks": ("annotations without a segmentation: {n} (their box is their mask)",) * 2,
+    "empty_images": ("images without annotations: {n} (kept: detections on them are false positives)",
+                     "images without usable annotations: {n} ({empty})"),
+    "crowd": ("crowd annotations: {n} (regions ignored in scoring)", "crowd annotations: {n} (not training targets)"),
+}
+
+
+def _annotation_problem(ann: Any, images: Mapping[int, Any], cat_id_to_label: Mapping[int, int]) -> str:
+    """Why ``ann`` cannot be used at all ('' if it can): no known image or category, or a
+    ``bbox`` that is not four finite numbers."""
+    if not isinstance(ann, dict):
+        return f"is a {type(ann).__name__}, not an object"
+    if ann.get("image_id") not in images:
+        return f"names image_id {ann.get('image_id')!r}, which the file does not list"
+    if ann.get("category_id") not in cat_id_to_label:
+        return f"names category_id {ann.get('category_id')!r}, which the file does not list"
+    box = ann.get("bbox")
+    if not (isinstance(box, (list, tuple)) and len(box) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+        return f"has bbox {box!r}, not four finite numbers [x, y, width, height]"
+    return ""
 
 
 def _gt_annotation(ann: dict[str, Any], n: int) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from .demo import make_det_demo_dataset
 from .model import mask_rcnn
 from .settings import DET_PRESETS, DetectionConfig, default_preset
 
-__all__ = ["DetectionTask", "coco_split_paths", "evaluate_detector"]
+__all__ = ["DetectionTask", "coco_split_paths", "detect_by_size", "evaluate_detector"]
 
 _logger = logging.getLogger(__name__)
 
@@ -41,6 +41,25 @@ def coco_split_paths(data_dir: str | Path, split: str) -> tuple[Path, Path]:
     return ann, images
 
 
+def detect_by_size(model: nn.Module, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """A detector's outputs for ``images`` (``(3, H_i, W_i)`` each), in their order, running the
+    images of each size as one batch.
+
+    torchvision's detectors pad a batch to its largest image, and a backbone with global
+    attention (MLLA's linear attention) sees that padding: an image's detections would depend
+    on the other images of its batch. Images of one size are resized alike and need no padding
+    between them, so grouped this way every image is detected as it is alone, at any batch size.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(tuple(image.shape[-2:]), []).append(i)
+    outputs: list[Any] = [None] * len(images)
+    for indices in groups.values():
+        for i, out in zip(indices, model([images[i] for i in indices])):
+            outputs[i] = out
+    return outputs
+
+
 @torch.no_grad()
 def evaluate_detector(
     model: nn.Module,
@@ -53,7 +72,8 @@ def evaluate_detector(
 ) -> dict[str, float]:
     """COCO box and mask AP of a detector over a loader of :class:`~.coco.CocoDetection`.
 
-    Every process runs its share of the images; the detections are gathered and scored on
+    Images of one size run together (:func:`detect_by_size`), so the result does not depend
+    on the batch size. Every process runs its share of the images; the detections are gathered and scored on
     rank 0 with pycocotools and the result is broadcast. Returns ``bbox_AP``, ``bbox_AP50``,
     ``bbox_AP75``, ``bbox_APs``, ``bbox_APm``, ``bbox_APl`` and the same for ``segm_`` (percent;
     see :func:`~.coco.coco_evaluate`), ``images`` (evaluated) and ``skipped`` (unreadable).
@@ -67,7 +87,7 @@ def evaluate_detector(
         if not images:
             continue
         with autocast():
-            outputs = model([im.to(env.device, non_blocking=True) for im in images])
+            outputs = detect_by_size(model, [im.to(env.device, non_blocking=True) for im in images])
         ids = [t["image_id"] for t in targets]
         b, m = detections_to_coco(zip(ids, outputs), dataset.label_to_cat_id)
         boxes += b

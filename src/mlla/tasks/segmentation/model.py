@@ -137,6 +137,7 @@ def upernet(
     backbone_checkpoint: str | os.PathLike | None = None,
     channels: int = 512,
     aux_channels: int = 256,
+    dropout: float = 0.1,
     **kwargs: Any,
 ) -> UperNet:
     """UperNet (512 channels, FCN auxiliary head on stage 3) over the MLLA backbone ``model_name``.
@@ -151,12 +152,13 @@ def upernet(
             must be there except, for a classification checkpoint, the per-stage norms (which
             it does not have: they keep their initial values, as in the authors' setting).
         channels, aux_channels: head widths (512 and 256 in the paper).
+        dropout: dropout before each classifier (0.1 in the paper).
         **kwargs: backbone arguments (e.g. ``drop_path_rate``, or ``embed_dim``/``depths``/``num_heads``).
     """
     backbone = create_model(model_name, features_only=True, out_indices=(0, 1, 2, 3), **kwargs)
     if backbone_checkpoint is not None:
         load_backbone_checkpoint(backbone, backbone_checkpoint)
-    return UperNet(backbone, num_classes, channels=channels, aux_head=aux_head, aux_channels=aux_channels)
+    return UperNet(backbone, num_classes, channels=channels, aux_head=aux_head, aux_channels=aux_channels, dropout=dropout)
 
 
 

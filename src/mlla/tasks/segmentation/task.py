@@ -85,7 +85,10 @@ class SegmentationTask(Task):
             )
         if names is not None and len(names) != num_classes:
             raise ValueError(f"--num-classes {num_classes} but {data_dir} names {len(names)} classes")
-        self.classes = names or [f"class {i}" for i in range(num_classes)]
+        # Unnamed classes are called by their value in the annotation files (class i is value i + 1
+        # when 0 means unlabelled).
+        shift = int(cfg.seg_reduce_zero_label)
+        self.classes = names or [f"label {i + shift}" for i in range(num_classes)]
         train_tf = build_seg_transform(
             True, crop_size=cfg.seg_crop_size, scale=cfg.seg_scale, ratio_range=cfg.seg_ratio_range,
             cat_max_ratio=cfg.seg_cat_max_ratio, hflip=cfg.hflip, photometric=not cfg.no_aug,
