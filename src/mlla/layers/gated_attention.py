@@ -152,7 +152,7 @@ class GatedLinearAttention(nn.Module):
             y = (y + y_back.flip(1)) / 2
         y = y.reshape(B, H, W, C)
         if self.lepe is not None:
-            y = y + self.lepe(v)
+            y = y + self.lepe(v.reshape(B, H, W, C))
         return self.proj(y)
 
     def _log_forget(self, x: torch.Tensor, delta: DeltaProjection, A_log: torch.Tensor) -> torch.Tensor:
