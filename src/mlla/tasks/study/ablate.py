@@ -238,7 +238,7 @@ def train_run(cfg: TrainConfig) -> dict[str, Any] | None:
     out.mkdir(parents=True, exist_ok=True)
     clock = WallClock(out)
     try:
-        summary = fit(cfg, on_step=clock.beat)
+        summary = fit(cfg)
     finally:
         wall_s, cpu_s = clock.stop()
     if summary["status"] != "finished":

@@ -8,14 +8,15 @@ trains only the new runs.
 
 Each run's wall time is kept in ``wall.json`` as a list of parts (one per process that worked on
 the run), each ``[start, last, cpu_s]``: wall-clock start and last heartbeat in seconds since the
-epoch, and the process CPU time spent in it. The part is refreshed while the run trains
-(:class:`WallClock`), so a part ended by SIGKILL still counts up to its last heartbeat.
+epoch, and the process CPU time spent in it. The part is refreshed every second while the run
+trains (:class:`WallClock`), so a part ended by SIGKILL still counts up to its last heartbeat.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -53,10 +54,21 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def manifest_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences between two manifests (``settings`` and ``data``)."""
+    """Human-readable differences between two manifests: each setting by its dotted name
+    (``recipe.epochs: 10 -> 12``), the data by class folder."""
     diffs = []
-    s_set, n_set = saved.get("settings", {}), now.get("settings", {})
+    s_set, n_set = _flatten(saved.get("settings", {})), _flatten(now.get("settings", {}))
     for key in sorted(set(s_set) | set(n_set)):
         if s_set.get(key) != n_set.get(key):
             diffs.append(f"{key}: {_describe(s_set.get(key))} -> {_describe(n_set.get(key))}")
@@ -119,35 +131,33 @@ def wall_seconds(run_dir: str | os.PathLike) -> float:
 
 
 class WallClock:
-    """Records one part of a run's wall time in ``run_dir/wall.json``: :meth:`beat` (at most every
-    ``interval_s``) and :meth:`stop` refresh the part's end, so a killed process loses at most
-    ``interval_s``."""
+    """Records one part of a run's wall time in ``run_dir/wall.json``: a daemon thread refreshes
+    the part's end every ``interval_s`` while it runs, so a killed process loses at most
+    ``interval_s``; :meth:`stop` closes the part."""
 
     def __init__(self, run_dir: str | os.PathLike, interval_s: float = 1.0) -> None:
         self.path = Path(run_dir) / "wall.json"
         self.parts = json.loads(self.path.read_text())["parts"] if self.path.is_file() else []
-        self.interval_s = interval_s
-        now = time.time()
         self._cpu0 = time.process_time()
+        now = time.time()
         self.parts.append([now, now, 0.0])
-        self._written = 0.0
         self._write()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True, name="study-wall-clock")
+        self._thread.start()
 
     def _write(self) -> None:
+        self.parts[-1][1:] = [time.time(), time.process_time() - self._cpu0]
         text = json.dumps(dict(parts=self.parts))
         atomic_save(lambda tmp: Path(tmp).write_text(text), self.path)
-        self._written = time.monotonic()
 
-    def _refresh(self) -> None:
-        self.parts[-1][1:] = [time.time(), time.process_time() - self._cpu0]
-
-    def beat(self, *_: Any) -> None:
-        self._refresh()
-        if time.monotonic() - self._written >= self.interval_s:
+    def _run(self, interval_s: float) -> None:
+        while not self._stopped.wait(interval_s):
             self._write()
 
     def stop(self) -> tuple[float, float]:
         """Close the part; returns the run's total wall and CPU seconds over its parts."""
-        self._refresh()
+        self._stopped.set()
+        self._thread.join()
         self._write()
         return sum(p[1] - p[0] for p in self.parts), sum(p[2] for p in self.parts)
