@@ -265,3 +265,74 @@ def read_study_files(folder: str | os.PathLike) -> tuple[list[dict[str, Any]], l
     if missing:
         raise FileNotFoundError(f"{folder}: no {' or '.join(missing)}; run `mlla ablate --output {folder}` first")
     return read_csv(folder / "runs.csv"), read_csv(folder / "variants.csv")
+
+
+def default_study_differences(folder: str | os.PathLike) -> list[str]:
+    """How the study in ``folder`` (its ``study.json`` and ``runs.csv``) differs from the default
+    study (every default variant, the default seeds, settings and task); empty if it is the default."""
+    from .ablate import STUDY_SEEDS, StudySpec, study_settings
+    from .manifest import manifest_differences
+
+    folder = Path(folder)
+    saved = json.loads((folder / "study.json").read_text())
+    default = StudySpec(output=folder)
+    diffs = manifest_differences(dict(settings=saved["settings"]), dict(settings=study_settings(default)))
+    runs, _ = read_study_files(folder)
+    have = {(r["variant"], int(r["seed"])) for r in runs}
+    want = {(v, s) for v in default.variants for s in STUDY_SEEDS}
+    if have != want:
+        variants = sorted({v for v, _ in have})
+        seeds = sorted({s for _, s in have})
+        diffs.append(f"runs: {len(variants)} of {len(default.variants)} variants x seeds {seeds} "
+                     f"(default: all x {list(STUDY_SEEDS)})")
+    return diffs
+
+
+def render_summary(folder: str | os.PathLike, *, full: bool = False) -> str:
+    """Markdown for the README (``full=False``: compact table) or docs/study.md (``full``: every
+    column) from a study folder's ``study.json``, ``runs.csv`` and ``variants.csv``: what was run,
+    the table, per design whether the study agrees with the paper's sign (only where the 95%
+    interval excludes zero) and the rank correlation with the paper's changes."""
+    folder = Path(folder)
+    rows = aggregate(*read_study_files(folder))
+    diffs = default_study_differences(folder)
+    epochs = rows[0]["epochs"] if rows else "-"
+    seeds = sorted({int(r["seeds"]) for r in rows})
+    lines = []
+    if diffs:
+        lines += [
+            f"**Not the study's findings.** These files hold a reduced verification run ({len(rows)} variants, "
+            f"{'/'.join(map(str, seeds))} seeds, {epochs} epochs), not the default study; it differs from it in: "
+            + "; ".join(diffs) + ". It shows that the pipeline runs end to end; its numbers say nothing about the "
+            "designs. The default study has not been run yet.", "",
+        ]
+    else:
+        lines += [f"The default study: {len(rows)} variants x {seeds[0]} seeds, {epochs} epochs each.", ""]
+    if full:
+        lines.append(format_study_table(rows))
+    else:
+        lines += ["| design | params (M) | seeds | top-1 last | Δ last [95% CI] | top-1 best | relational | counting "
+                  "| paper Δ |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append("| " + " | ".join([
+                r["design"], _fmt(r["params_m"], ".3f"), str(r["seeds"]), _pm(r["top1_mean"], r["top1_std"]),
+                _delta(r, "delta_top1"), _pm(r["best_top1_mean"], r["best_top1_std"]),
+                _pm(r["relational_top1_mean"], r["relational_top1_std"]),
+                _pm(r["counting_top1_mean"], r["counting_top1_std"]), _fmt(r["paper_delta_top1"], "+.1f"),
+            ]) + " |")
+    verdicts, rho, n = paper_agreement(rows)
+    lines += ["", "Mean ± sample std over seeds; Δ: per-seed paired difference to the baseline, mean and 95% "
+              "t-interval; `*`: the interval excludes 0. Against the paper's sign (ImageNet-1K, Table 1-2), only "
+              "where the interval excludes 0:", ""]
+    lines += [f"- {design}: {verdict}" for design, verdict in verdicts] or ["- no design with a paper figure was run."]
+    lines += ["", f"Spearman rank correlation between this run's mean changes and the paper's, over {n} designs: "
+              + ("not computed (fewer than 3)" if rho is None else f"{rho:+.2f}") + "."]
+    return "\n".join(lines)
+
+
+def replace_between(text: str, begin: str, end: str, block: str) -> str:
+    """``text`` with the part between the ``begin`` and ``end`` marker lines replaced by ``block``."""
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise ValueError(f"the text must contain the markers {begin!r} and {end!r} once each")
+    head, rest = text.split(begin)
+    return f"{head}{begin}\n{block}\n{end}{rest.split(end)[1]}"
