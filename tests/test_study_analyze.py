@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +183,32 @@ def test_cli_refuses_an_analysis_that_does_not_apply(tmp_path, capsys) -> None:
     assert code == 2
     assert "has no forget gate" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_untrained_twin_is_the_runs_initial_weights(tmp_path, monkeypatch) -> None:
+    import mlla.tasks.classification.task as classification
+    from mlla.engine.trainer import fit
+    from mlla.tasks.study.ablate import StudySpec, _prepare_data, variant_config
+    from mlla.tasks.study.analyze import load_model
+
+    initial = {}
+    build = classification.create_model
+
+    def recording(*args, **kwargs):
+        model = build(*args, **kwargs)
+        initial.update({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(classification, "create_model", recording)
+    recipe = dict(StudySpec(output=tmp_path).recipe, epochs=1, batch_size=16, warmup_epochs=0)
+    spec = StudySpec(output=tmp_path, model_kwargs=dict(embed_dim=8, depths=(1, 1, 1), num_heads=(1, 1, 1)),
+                     study_data=dict(train_per_class=2, val_per_class=1), recipe=recipe, progress=False)
+    _prepare_data(spec)
+    cfg = variant_config(spec, "ablation_forget_gate", seed=3)
+    fit(cfg)
+    twin, info = load_model(str(Path(cfg.output) / "last.pth"), weights=False)
+    trained, _ = load_model(str(Path(cfg.output) / "last.pth"))
+    assert info["source"] == "untrained, seed 3"
+    state = twin.state_dict()
+    assert set(state) == set(initial) and all(torch.equal(state[k], initial[k]) for k in state)
+    assert any(not torch.equal(trained.state_dict()[k], initial[k]) for k in state)  # training moved the weights
