@@ -136,8 +136,10 @@ def render(result: dict) -> str:
               f"of a real run added to every variant: {result['epoch_overhead_cpu_s']:.1f} s CPU "
               f"({'from ' + result['calibrated_from'] if result['calibrated_from'] else 'none: no --calibrate'}).",
               f"Total: {result['total_cpu_min']:.0f} CPU minutes; with `--jobs {result['jobs']}` on "
-              f"{result['jobs']} cores about {result['estimate_wall_min']:.0f} minutes of wall time "
-              f"(set-up, checkpoints and the throughput measurement not included)."]
+              f"{result['jobs']} cores about {result['estimate_wall_min']:.0f} minutes of wall time ("
+              + ("set-up, loader and checkpoints included through the measured overhead; "
+                 if result["calibrated_from"] else "set-up, loader and checkpoints not included; ")
+              + "the final throughput measurement not included)."]
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="rerun the paper's ablation study (all ablation_* variants, several seeds, one recipe) and tabulate it",
         description="Train a set of variants (default: every Table 1 and Table 2 variant and the controls) with one "
         "shared recipe, once per seed, on one dataset (default: the built-in study task), then write OUTPUT/table.md, "
-        "runs.csv (per seed), results.csv/json (mean, std, 95%% intervals, paired changes against the baseline) and "
+        "runs.csv (per seed), results.csv/json (mean, std, 95% intervals, paired changes against the baseline) and "
         "chart.png. Rerunning continues: finished runs are not retrained, an interrupted one resumes; new variants or "
         "seeds train only the new runs. A folder holding a study of other settings or data is refused.",
     )

@@ -302,7 +302,8 @@ def render_summary(folder: str | os.PathLike, *, full: bool = False) -> str:
     if diffs:
         lines += [
             f"**Not the study's findings.** These files hold a reduced verification run ({len(rows)} variants, "
-            f"{'/'.join(map(str, seeds))} seeds, {epochs} epochs), not the default study; it differs from it in: "
+            f"{'/'.join(map(str, seeds))} seeds, {epochs} epochs), not the default study; it differs from it in "
+            f"(this run -> default): "
             + "; ".join(diffs) + ". It shows that the pipeline runs end to end; its numbers say nothing about the "
             "designs. The default study has not been run yet.", "",
         ]
@@ -325,7 +326,7 @@ def render_summary(folder: str | os.PathLike, *, full: bool = False) -> str:
               "t-interval; `*`: the interval excludes 0. Against the paper's sign (ImageNet-1K, Table 1-2), only "
               "where the interval excludes 0:", ""]
     lines += [f"- {design}: {verdict}" for design, verdict in verdicts] or ["- no design with a paper figure was run."]
-    lines += ["", f"Spearman rank correlation between this run's mean changes and the paper's, over {n} designs: "
+    lines += ["", f"Spearman rank correlation between this run's mean changes and the paper's, over {n} design{'s' if n != 1 else ''}: "
               + ("not computed (fewer than 3)" if rho is None else f"{rho:+.2f}") + "."]
     return "\n".join(lines)
 
