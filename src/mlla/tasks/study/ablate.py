@@ -377,8 +377,8 @@ def study_settings(spec: StudySpec) -> dict[str, Any]:
     """The settings every run of a study shares (``study.json``; no variants or seeds)."""
     from .data import study_dataset_settings
 
-    recipe = _comparable(resolve_config(None, None, dict(spec.recipe, model="x")).to_dict())
-    for key in ("model", "seed", "model_kwargs"):
+    recipe = _comparable(variant_config(spec, "ablation_baseline").to_dict())
+    for key in ("model", "seed", "model_kwargs"):  # per run: the study's size is kept as given
         recipe.pop(key)
     settings: dict[str, Any] = dict(recipe=recipe, model_kwargs=json.loads(json.dumps(spec.model_kwargs)))
     if spec.data_dir is None:
