@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,6 +55,15 @@ def test_forget_gate_mean_matches_a_constant_delta() -> None:
     assert got == pytest.approx(float(expected), rel=1e-5)
 
 
+def test_bidirectional_forget_gate_lists_both_scans() -> None:
+    model = create_model("ablation_forget_gate_bidir", **TINY)
+    layer = _gated_layers(model, "forget_delta")[0]
+    with torch.no_grad():
+        layer.A_log_backward.fill_(-math.inf)  # the backward gate is exactly 1, the forward one below 1
+    means = forget_gate_means(model, torch.randn(2, 3, 32, 32))
+    assert len(means) == 8 and means["stages.0.0.attn (backward)"] == 1.0 and means["stages.0.0.attn"] < 1.0
+
+
 def test_forget_gate_on_a_model_without_one_is_a_clear_error() -> None:
     with pytest.raises(AnalysisNotApplicable, match="has no forget gate"):
         forget_gate_means(create_model("ablation_baseline", **TINY), torch.randn(1, 3, 32, 32))
@@ -94,6 +104,8 @@ def test_token_norm_spread_by_hand() -> None:
     by_hand = [math.sqrt(sum((n - sum(row) / 9) ** 2 for n in row) / 9) for row in norms.tolist()]
     assert stats["std"] == pytest.approx(sum(by_hand) / 2, rel=1e-5)
     assert stats["mean"] == pytest.approx(float(norms.mean()), rel=1e-5)
+    cv_by_hand = [sd / (sum(row) / 9) for sd, row in zip(by_hand, norms.tolist())]
+    assert stats["cv"] == pytest.approx(sum(cv_by_hand) / 2, rel=1e-5)
     with attention_normalization(model, False) as switched:
         off = token_norm_spread(model, x)["attn"]
     assert switched == 1 and model.attn.normalize  # restored afterwards
@@ -130,24 +142,39 @@ def test_conv_receptive_field_is_its_kernel() -> None:
     assert support.min(0).values.tolist() == [4, 4] and support.max(0).values.tolist() == [6, 6]
 
 
-def test_analyze_a_training_checkpoint_writes_pngs_and_numbers(tmp_path) -> None:
+def test_analyze_a_study_checkpoint_beside_its_untrained_twin_and_the_baseline(tmp_path) -> None:
     kwargs = {k: v for k, v in TINY.items() if k != "num_classes"}
-    model = create_model("ablation_forget_gate", num_classes=3, **kwargs)
-    ckpt = tmp_path / "last.pth"
-    torch.save(dict(model=model.state_dict(), config=dict(model="ablation_forget_gate", model_kwargs=kwargs, img_size=32),
-                    class_to_idx={"a": 0, "b": 1, "c": 2}), ckpt)
-    written = analyze(str(ckpt), None, tmp_path / "out", num_images=2)
+    study = tmp_path / "study"
+    ckpts = {}
+    for name in ("ablation_forget_gate", "ablation_baseline"):
+        model = create_model(name, num_classes=3, **kwargs)
+        ckpts[name] = study / name / "seed1" / "last.pth"
+        ckpts[name].parent.mkdir(parents=True)
+        torch.save(dict(model=model.state_dict(), config=dict(model=name, model_kwargs=kwargs, img_size=32, seed=1),
+                        class_to_idx={"a": 0, "b": 1, "c": 2}), ckpts[name])
+    trained = create_model("ablation_forget_gate", num_classes=3, **kwargs)
+    trained.load_state_dict(torch.load(ckpts["ablation_forget_gate"])["model"])
+    torch.manual_seed(1)
+    twin = create_model("ablation_forget_gate", num_classes=3, **kwargs)
+    written = analyze(str(ckpts["ablation_forget_gate"]), None, tmp_path / "out", num_images=2)
     assert set(written) == {"forget-gate", "token-norms", "erf"}  # no input gate in this model
     for paths in written.values():
         png = [p for p in paths if p.suffix == ".png"][0]
         assert png.read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((tmp_path / "out" / "forget_gate.json").read_text())
     gen = torch.Generator().manual_seed(0)
-    expected = forget_gate_means(model, torch.randn(2, 3, 32, 32, generator=gen))
-    assert saved["means"] == pytest.approx(expected)
-    assert all(0.0 < v < 1.0 for v in saved["means"].values())
+    images = torch.randn(2, 3, 32, 32, generator=gen)
+    assert list(saved["means"]) == ["ablation_forget_gate (trained)", "ablation_forget_gate (untrained, seed 1)"]
+    assert saved["means"]["ablation_forget_gate (trained)"] == pytest.approx(forget_gate_means(trained, images))
+    assert saved["means"]["ablation_forget_gate (untrained, seed 1)"] == pytest.approx(forget_gate_means(twin, images))
     norms = json.loads((tmp_path / "out" / "token_norms.json").read_text())
-    assert len(norms["runs"]) == 2  # as trained, and the same weights without normalisation
+    assert list(norms["runs"]) == ["ablation_forget_gate (trained)", "ablation_forget_gate (untrained, seed 1)",
+                                   "ablation_baseline (trained, seed1)",
+                                   "ablation_forget_gate (trained), normalisation switched off"]
+    assert all("cv" in layer for run in norms["runs"].values() for layer in run.values())
+    erf = json.loads((tmp_path / "out" / "erf.json").read_text())
+    assert erf["erf_size"] == 256  # 8 x 8 tokens in the last of 4 stages (reduction 32)
+    assert len(erf["maps"]) == 3 and len(next(iter(erf["maps"].values()))) == 256
 
 
 def test_cli_refuses_an_analysis_that_does_not_apply(tmp_path, capsys) -> None:
@@ -156,3 +183,32 @@ def test_cli_refuses_an_analysis_that_does_not_apply(tmp_path, capsys) -> None:
     assert code == 2
     assert "has no forget gate" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_untrained_twin_is_the_runs_initial_weights(tmp_path, monkeypatch) -> None:
+    import mlla.tasks.classification.task as classification
+    from mlla.engine.trainer import fit
+    from mlla.tasks.study.ablate import StudySpec, _prepare_data, variant_config
+    from mlla.tasks.study.analyze import load_model
+
+    initial = {}
+    build = classification.create_model
+
+    def recording(*args, **kwargs):
+        model = build(*args, **kwargs)
+        initial.update({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(classification, "create_model", recording)
+    recipe = dict(StudySpec(output=tmp_path).recipe, epochs=1, batch_size=16, warmup_epochs=0)
+    spec = StudySpec(output=tmp_path, model_kwargs=dict(embed_dim=8, depths=(1, 1, 1), num_heads=(1, 1, 1)),
+                     study_data=dict(train_per_class=2, val_per_class=1), recipe=recipe, progress=False)
+    _prepare_data(spec)
+    cfg = variant_config(spec, "ablation_forget_gate", seed=3)
+    fit(cfg)
+    twin, info = load_model(str(Path(cfg.output) / "last.pth"), weights=False)
+    trained, _ = load_model(str(Path(cfg.output) / "last.pth"))
+    assert info["source"] == "untrained, seed 3"
+    state = twin.state_dict()
+    assert set(state) == set(initial) and all(torch.equal(state[k], initial[k]) for k in state)
+    assert any(not torch.equal(trained.state_dict()[k], initial[k]) for k in state)  # training moved the weights

@@ -13,7 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="analyses of a trained model: forget/input gates, token norms, effective receptive field",
         description="Each analysis writes OUTPUT/<analysis>.png and its numbers (.json, .csv). CHECKPOINT is a "
         "training checkpoint (its config names the model), a weights file with --model, or a registered model "
-        "name (random initialisation). Without --analyses every analysis that applies is run.",
+        "name (random initialisation). A checkpoint is analysed beside its untrained twin (same model and seed) "
+        "and, in an `mlla ablate` study, beside the same seed's baseline. Without --analyses every analysis that "
+        "applies is run.",
     )
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="last.pth/best.pth of a run, a weights file, or a model name")
     p.add_argument("--analyses", nargs="+", choices=ANALYSES, help="default: all that apply to the model")
@@ -26,6 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-images", type=int, default=16, help="images averaged over (default 16)")
     p.add_argument("--compare", nargs="*", default=[], metavar="NAME[=CHECKPOINT]",
                    help="models beside it in the ERF and token-norm plots, e.g. swin_tiny_patch4_window7_224 convnext_tiny")
+    p.add_argument("--baseline", help="checkpoint drawn beside it (default: the same seed's ablation_baseline when "
+                   "CHECKPOINT is OUT/<variant>/seed<k>/... of an `mlla ablate` study)")
+    p.add_argument("--erf-size", type=int, help="input size of the ERF (default: 8x8 tokens in the last stage)")
     p.set_defaults(func=run)
 
 
@@ -42,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     written = analyze(
         args.checkpoint, args.analyses, out, model=args.model, model_kwargs=parse_kwargs(args.model_kwargs),
         img_size=args.img_size, images=args.images, image=args.image, num_images=args.num_images,
-        compare=args.compare,
+        compare=args.compare, baseline=args.baseline, erf_size=args.erf_size,
     )
     for kind, paths in written.items():
         print(f"{kind}: {', '.join(str(p) for p in paths)}")

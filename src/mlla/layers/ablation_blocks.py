@@ -86,7 +86,8 @@ class MambaStyleBlock(nn.Module):
         x = x + DropPath(MLP(LN(x)))                  # with_mlp ('sub' design) only
 
     The attention has ``v = a`` (no value or output projection of its own, as the SSM) and
-    ``q, k`` projected from ``a`` (``E dim`` channels each), ``num_heads`` heads.
+    ``q, k`` projected from ``a`` (``E dim`` channels each), ``num_heads`` heads; ``E dim`` is
+    rounded to a multiple of ``num_heads``.
     """
 
     def __init__(
@@ -101,7 +102,7 @@ class MambaStyleBlock(nn.Module):
         **attn_kwargs: Any,
     ) -> None:
         super().__init__()
-        inner = int(expand * dim)
+        inner = num_heads * max(1, round(expand * dim / num_heads))  # E dim, rounded to whole heads
         self.norm1 = nn.LayerNorm(dim)
         self.in_proj = nn.Linear(dim, inner)
         self.gate_proj = nn.Linear(dim, inner)

@@ -52,6 +52,11 @@ class GatedLinearAttention(nn.Module):
             channel (``A = -exp(A_log)`` learnable, initialised ``-1..-d`` per head as Mamba's
             states; ``Delta`` its own rank ``dim/16`` projection). Mamba decays per state *and*
             value channel; decaying per key channel keeps the chunked form in matmuls.
+        causal: token ``i`` attends only to tokens ``j <= i`` of the raster scan, without a forget
+            gate (the control that separates the forget gate's decay from its causal mask).
+        bidirectional: with ``forget_gate``, a forward and a backward scan (reversed raster order),
+            each with its own ``Delta`` projection and ``A``; the output is the mean of the two
+            (each token then sees the whole image, as in vision Mambas such as Vim).
         shortcut: ``+ D (.) v``, ``D`` per channel, initialised to 1.
         normalize: attention normalisation. Without it the sums over the ``N`` tokens are
             divided by ``N`` (``q`` scaled by ``1/N``), so the output scale does not grow with
@@ -73,6 +78,8 @@ class GatedLinearAttention(nn.Module):
         kernel: str = "elu+1",
         input_gate: bool = False,
         forget_gate: bool = False,
+        causal: bool = False,
+        bidirectional: bool = False,
         shortcut: bool = False,
         normalize: bool = True,
         pos_embed: str | None = None,
@@ -89,7 +96,9 @@ class GatedLinearAttention(nn.Module):
             raise ValueError(f"RoPE needs qk_dim divisible by 4, got {qk_dim}")
         self.num_heads, self.qk_dim, self.v_proj = num_heads, qk_dim, v_proj
         self.kernel, self.normalize, self.pos_embed = kernel, normalize, pos_embed
-        self.causal, self.chunk_size = forget_gate, chunk_size
+        if bidirectional and not forget_gate:
+            raise ValueError("bidirectional=True is a forget-gate scan in both directions; set forget_gate=True too")
+        self.causal, self.chunk_size = forget_gate or causal, chunk_size
         feature_map(kernel)  # validates the name
         self.qkv = nn.Linear(dim, 2 * qk_dim + (dim if v_proj else 0), bias=qkv_bias)
         rank = max(1, math.ceil(dim / 16))
@@ -100,6 +109,11 @@ class GatedLinearAttention(nn.Module):
             self.A_log = nn.Parameter(torch.arange(1, head_dim + 1, dtype=torch.float32).log().repeat(num_heads))
         else:
             self.forget_delta, self.A_log = None, None
+        if bidirectional:
+            self.backward_delta = DeltaProjection(dim, qk_dim, rank)
+            self.A_log_backward = nn.Parameter(self.A_log.detach().clone())
+        else:
+            self.backward_delta, self.A_log_backward = None, None
         self.D = nn.Parameter(torch.ones(dim)) if shortcut else None
         self.lepe = DepthwiseConvNHWC(dim) if pos_embed == "lepe" else None
         self.proj = nn.Linear(dim, dim) if out_proj else nn.Identity()
@@ -123,26 +137,26 @@ class GatedLinearAttention(nn.Module):
                 phi = feature_map(kernel)
                 q, k, kernel = phi(q), phi(k), "identity"
             q = q / N
-        y = gated_linear_attention(
-            q.reshape(B, N, h, -1),
-            k.reshape(B, N, h, -1),
-            v.reshape(B, N, h, -1),
-            kernel=kernel,
-            input_gate=None if self.input_gate is None else self.input_gate(x).reshape(B, N, h, -1),
-            log_forget=None if self.forget_delta is None else self._log_forget(x),
-            shortcut=None if self.D is None else self.D.reshape(h, -1),
-            normalize=self.normalize,
-            q_norm=q_norm,
-            k_norm=k_norm,
-            causal=self.causal,
-            chunk_size=self.chunk_size,
-        ).reshape(B, H, W, C)
+        heads = lambda t: None if t is None else t.reshape(B, N, h, -1)  # noqa: E731
+        q, k, v = heads(q), heads(k), heads(v)
+        gate = None if self.input_gate is None else heads(self.input_gate(x))
+        shortcut = None if self.D is None else self.D.reshape(h, -1)
+        args = dict(kernel=kernel, shortcut=shortcut, normalize=self.normalize, causal=self.causal, chunk_size=self.chunk_size)
+        log_forget = None if self.forget_delta is None else self._log_forget(x, self.forget_delta, self.A_log)
+        y = gated_linear_attention(q, k, v, input_gate=gate, log_forget=log_forget, q_norm=q_norm, k_norm=k_norm, **args)
+        if self.backward_delta is not None:  # the same attention over the reversed token order
+            rev = lambda t: None if t is None else t.flip(1)  # noqa: E731
+            log_back = self._log_forget(x, self.backward_delta, self.A_log_backward)
+            y_back = gated_linear_attention(rev(q), rev(k), rev(v), input_gate=rev(gate), log_forget=rev(log_back),
+                                            q_norm=rev(q_norm), k_norm=rev(k_norm), **args)
+            y = (y + y_back.flip(1)) / 2
+        y = y.reshape(B, H, W, C)
         if self.lepe is not None:
-            y = y + self.lepe(v)
+            y = y + self.lepe(v.reshape(B, H, W, C))
         return self.proj(y)
 
-    def _log_forget(self, x: torch.Tensor) -> torch.Tensor:
+    def _log_forget(self, x: torch.Tensor, delta: DeltaProjection, A_log: torch.Tensor) -> torch.Tensor:
         """``log f = Delta A``, ``(B, N, heads, qk_dim / heads)``, non-positive."""
         B, H, W, _ = x.shape
-        log_f = self.forget_delta(x) * -self.A_log.exp()
+        log_f = delta(x) * -A_log.exp()
         return log_f.reshape(B, H * W, self.num_heads, -1)

@@ -16,6 +16,15 @@ linear attention (kernel ELU+1). Each registered variant changes one thing (SPEC
 ``ablation_ape|lepe|cpe|rope``    a positional encoding instead of the forget gate (Table 2)
 ================================  ============================================================
 
+Controls for what a variant changes besides its design (not in the paper):
+
+================================  ============================================================
+``ablation_causal``               the forget gate's causal mask alone (no decay)
+``ablation_forget_gate_bidir``    forget gate in a forward and a backward scan (as vision Mambas)
+``ablation_single_head_full_qk``  one head, Q/K keeping the full width ``C``
+``ablation_block_all_matched``    block design (all) with ``E = 1.8125``: the baseline's parameters
+================================  ============================================================
+
 All are :class:`LinearSwin` built on :func:`mlla.ops.gated_linear_attention`; any input size
 works (the APE is resampled, RoPE is computed for the actual grid). The choices the paper leaves
 open are documented on :class:`mlla.layers.gated_attention.GatedLinearAttention` and the blocks.
@@ -54,7 +63,7 @@ class LinearSwin(nn.Module):
         global_pool: str = "avg",
         embed_dim: int = 96,
         depths: Sequence[int] = (2, 2, 6, 2),
-        num_heads: Sequence[int] = (3, 6, 12, 24),
+        num_heads: int | Sequence[int] = (3, 6, 12, 24),
         mlp_ratio: float = 4.0,
         block: str = "transformer",
         expand: float = 2.0,
@@ -69,7 +78,7 @@ class LinearSwin(nn.Module):
         Args:
             in_chans, num_classes, global_pool: as in timm.
             embed_dim: channels ``C`` of the first stage; stage ``i`` has ``C * 2**i``.
-            depths, num_heads: blocks and attention heads per stage.
+            depths, num_heads: blocks and attention heads per stage (one ``num_heads`` for all stages).
             mlp_ratio: MLP hidden width over block width.
             block: 'transformer' (:class:`LinearAttentionBlock`) or 'mamba' (:class:`MambaStyleBlock`).
             expand, with_mlp: expansion ``E`` and MLP of the 'mamba' block.
@@ -78,10 +87,11 @@ class LinearSwin(nn.Module):
             drop_rate, drop_path_rate: dropout before the classifier; stochastic depth, rising
                 linearly over the blocks up to this value.
             attn_kwargs: switches of :class:`mlla.layers.gated_attention.GatedLinearAttention`:
-                ``input_gate``, ``forget_gate``, ``shortcut``, ``normalize``, ``qk_dim``,
-                ``kernel``, ``chunk_size``.
+                ``input_gate``, ``forget_gate``, ``causal``, ``bidirectional``, ``shortcut``,
+                ``normalize``, ``qk_dim``, ``kernel``, ``chunk_size``.
         """
         super().__init__()
+        num_heads = (num_heads,) * len(depths) if isinstance(num_heads, int) else tuple(num_heads)
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have the same length")
         if block not in ("transformer", "mamba"):
@@ -191,16 +201,20 @@ _VARIANTS: dict[str, dict[str, Any]] = {
     "ablation_forget_gate": dict(forget_gate=True),
     "ablation_shortcut": dict(shortcut=True),
     "ablation_no_norm": dict(normalize=False),
-    "ablation_single_head": dict(num_heads=(1, 1, 1, 1), qk_dim=16),
+    "ablation_single_head": dict(num_heads=1, qk_dim=16),
     "ablation_block_all": dict(block="mamba", expand=2.0, with_mlp=False),
     "ablation_block_sub": dict(block="mamba", expand=1.0, with_mlp=True),
     "ablation_ape": dict(pos_embed="ape"),
     "ablation_lepe": dict(pos_embed="lepe"),
     "ablation_cpe": dict(pos_embed="cpe"),
     "ablation_rope": dict(pos_embed="rope"),
+    "ablation_causal": dict(causal=True),
+    "ablation_forget_gate_bidir": dict(forget_gate=True, bidirectional=True),
+    "ablation_single_head_full_qk": dict(num_heads=1),
+    "ablation_block_all_matched": dict(block="mamba", expand=1.8125, with_mlp=False),
 }
 
-#: The registered variants in the paper's order (Table 1, then Table 2).
+#: The registered variants: the paper's (Table 1, then Table 2), then the controls.
 ABLATION_VARIANTS: tuple[str, ...] = tuple(_VARIANTS)
 
 
@@ -316,3 +330,32 @@ def ablation_cpe(pretrained: bool = False, **kwargs: Any) -> LinearSwin:
 def ablation_rope(pretrained: bool = False, **kwargs: Any) -> LinearSwin:
     """Baseline + RoPE: 2-d rotary embedding of ``phi(q), phi(k)`` (normaliser un-rotated, as MLLA)."""
     return _create("ablation_rope", pretrained, **kwargs)
+
+
+@register_model
+def ablation_causal(pretrained: bool = False, **kwargs: Any) -> LinearSwin:
+    """Control for the forget gate: the baseline's attention made causal over the raster scan,
+    without the gate's decay (what '+ forget gate' changes besides the gate)."""
+    return _create("ablation_causal", pretrained, **kwargs)
+
+
+@register_model
+def ablation_forget_gate_bidir(pretrained: bool = False, **kwargs: Any) -> LinearSwin:
+    """Control for the forget gate: a forward and a backward gated scan, averaged, so every token
+    sees the whole image (vision Mambas scan both ways)."""
+    return _create("ablation_forget_gate_bidir", pretrained, **kwargs)
+
+
+@register_model
+def ablation_single_head_full_qk(pretrained: bool = False, **kwargs: Any) -> LinearSwin:
+    """Control for '- multi-head': one head per layer with the full Q/K width ``C`` (the
+    paper's single-head variant also shrinks Q/K to 16)."""
+    return _create("ablation_single_head_full_qk", pretrained, **kwargs)
+
+
+@register_model
+def ablation_block_all_matched(pretrained: bool = False, **kwargs: Any) -> LinearSwin:
+    """Control for '+ block design (all)': expansion ``E = 1.8125`` instead of 2, which brings the
+    block's ``(3 E + 2 E^2) C^2`` weights to the Transformer block's ``12 C^2`` (28.3M at the
+    Swin-T size, the baseline's 28.3M; 3% more at the study's reduced width)."""
+    return _create("ablation_block_all_matched", pretrained, **kwargs)

@@ -1,18 +1,22 @@
-"""The paper's design study (Tables 1-2) rerun on any data: train every ablation variant with one
-recipe and seed, then tabulate and plot the results beside the paper's ImageNet figures.
+"""The paper's design study (Tables 1-2) rerun on any data: every variant trained with one recipe
+over several seeds, then summarised with intervals beside the paper's ImageNet figures.
 
 Layout of a study folder ``OUT``::
 
-    OUT/study_data/             the built-in task (when no --data-dir is given)
-    OUT/<variant>/              one training run per variant (mlla.engine.trainer.fit): last.pth, metrics.*
-    OUT/<variant>/result.json   written when the variant has finished: it is then never retrained
-    OUT/results.csv, results.json, table.md, chart.png
+    OUT/study.json                  the study's key: shared settings and a fingerprint of the data
+    OUT/study_data/                 the built-in task (when no --data-dir is given)
+    OUT/<variant>/seed<k>/          one training run (mlla.engine.trainer.fit): last.pth, metrics.*,
+                                    wall.json (wall time over interrupted parts)
+    OUT/<variant>/seed<k>/result.json   written when the run has finished: it is then never retrained
+    OUT/runs.csv                    one row per finished run (variant x seed)
+    OUT/variants.csv                one row per variant: parameters, GMACs, throughput, paper figures
+    OUT/results.csv, results.json, table.md, chart.png   the aggregate (:mod:`mlla.tasks.study.report`)
 
-Every variant trains through :func:`mlla.engine.trainer.fit` with ``resume='auto'``: an
-interrupted variant continues from its ``last.pth``. ``jobs > 1`` trains variants side by side,
-each in its own process (its own CPU threads, or its own GPU when there are several).
-Throughput is measured at the end for all variants in one interleaved run (rounds ``A B C A B C``),
-so that load changes on a shared machine hit all of them alike.
+Every run trains through :func:`mlla.engine.trainer.fit` with ``resume='auto'``: an interrupted
+run continues from its ``last.pth``. ``jobs > 1`` trains runs side by side, each in its own
+process (its own CPU threads, or its own GPU when there are several). Throughput is measured at
+the end for all variants in one interleaved run (rounds ``A B C A B C``), so that load changes
+on a shared machine hit all of them alike.
 """
 from __future__ import annotations
 
@@ -38,22 +42,25 @@ from ...engine.config import TrainConfig, save_yaml
 from ...models import PAPER_RESULTS, create_model
 from ...models.ablation import ABLATION_VARIANTS, variant_switches
 from ..classification.task import ClassificationTask
+from .manifest import WallClock, check_manifest, data_fingerprint
 
 __all__ = [
     "DESIGNS",
     "STUDY_MODEL_KWARGS",
     "STUDY_RECIPE",
+    "STUDY_SEEDS",
     "StudySpec",
     "measure_throughput",
-    "plot_study",
+    "model_kwargs_for",
+    "run_dir",
     "run_study",
+    "train_run",
     "variant_config",
-    "write_study_results",
 ]
 
 _logger = logging.getLogger(__name__)
 
-#: What each variant changes, as the paper's tables name it.
+#: What each variant changes, as the paper's tables name it (controls: what they isolate).
 DESIGNS: dict[str, str] = {
     "ablation_baseline": "baseline (global linear attention)",
     "ablation_input_gate": "+ input gate",
@@ -67,15 +74,23 @@ DESIGNS: dict[str, str] = {
     "ablation_lepe": "+ LePE (no forget gate)",
     "ablation_cpe": "+ CPE (no forget gate)",
     "ablation_rope": "+ RoPE (no forget gate)",
+    "ablation_causal": "control: causal mask only",
+    "ablation_forget_gate_bidir": "control: forget gate, both scan directions",
+    "ablation_single_head_full_qk": "control: one head, full Q/K width",
+    "ablation_block_all_matched": "control: block design (all), parameter-matched",
 }
 
-#: The reduced width of the built-in study: 4 stages of 16-128 channels, 5 blocks, ~0.4M parameters.
-STUDY_MODEL_KWARGS: dict[str, Any] = dict(embed_dim=16, depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8))
+#: The reduced width of the built-in study: 3 stages of 24-96 channels (grids 8x8, 4x4, 2x2 at
+#: 32 px), 5 blocks, about 0.3M parameters.
+STUDY_MODEL_KWARGS: dict[str, Any] = dict(embed_dim=24, depths=(1, 2, 2), num_heads=(1, 2, 4))
+
+#: Seeds of the default study: three runs per variant.
+STUDY_SEEDS: tuple[int, ...] = (0, 1, 2)
 
 #: The shared recipe of the built-in study: short AdamW cosine schedule, no augmentation (a
 #: flip or crop would change the task's spatial classes), no EMA, float32 (CPU-friendly).
 STUDY_RECIPE: dict[str, Any] = dict(
-    epochs=15,
+    epochs=10,
     batch_size=64,
     img_size=32,
     lr_base=2e-3,
@@ -97,8 +112,8 @@ STUDY_RECIPE: dict[str, Any] = dict(
     workers=0,
 )
 
-# Settings that do not change what a variant learns: a finished variant is reused across them.
-_RUN_ONLY = ("output", "resume", "progress", "workers", "device", "tensorboard", "save_every_steps", "max_failed_fraction")
+# Settings that do not change what a run learns: a finished run is reused across them.
+_RUN_ONLY = ("output", "resume", "progress", "workers", "device", "tensorboard", "save_every_steps", "data_dir", "max_failed_fraction")
 
 
 @dataclass
@@ -108,18 +123,23 @@ class StudySpec:
     Attributes:
         output: the study folder.
         variants: registered model names (default: every ablation variant).
-        model_kwargs: model size shared by all variants; a variant's own switches win over it
-            (``ablation_single_head`` keeps its one head per stage).
+        seeds: one run per variant and seed.
+        model_kwargs: model size shared by all variants, applied to the models that take it
+            (:func:`model_kwargs_for`); a variant's own switches win over it.
         recipe: :class:`TrainConfig` fields shared by all variants (over the defaults).
         data_dir: ImageFolder root; None generates the built-in task in ``output/study_data``.
-        jobs: variants trained at once, each in its own process.
+        jobs: runs trained at once, each in its own process.
         threads: CPU threads per training process (default: the CPU count divided by ``jobs``).
         bench_batch, bench_rounds: batch and interleaved rounds of the throughput measurement.
         study_data: size of the built-in task (:func:`mlla.tasks.study.data.make_study_dataset` arguments).
+        fit_batch: lower the recipe's batch to the training set's size when it is larger (the
+            default batch on small data); otherwise such a batch is an error.
+        new_study: a folder holding a study of other settings or data is moved aside, not refused.
     """
 
     output: Path
     variants: Sequence[str] = ABLATION_VARIANTS
+    seeds: Sequence[int] = STUDY_SEEDS
     model_kwargs: dict[str, Any] = field(default_factory=lambda: dict(STUDY_MODEL_KWARGS))
     recipe: dict[str, Any] = field(default_factory=lambda: dict(STUDY_RECIPE))
     data_dir: str | None = None
@@ -130,19 +150,60 @@ class StudySpec:
     bench_rounds: int = 5
     progress: bool = True
     study_data: dict[str, Any] = field(default_factory=dict)
+    fit_batch: bool = False
+    new_study: bool = False
 
 
-def variant_config(spec: StudySpec, variant: str) -> TrainConfig:
-    """The :class:`TrainConfig` of one variant: the shared recipe and size, its own output folder."""
-    kwargs = dict(spec.model_kwargs)
+def _builds(name: str, kwargs: dict[str, Any], img_size: int) -> str | None:
+    """None if ``name`` builds with ``kwargs`` and takes an ``img_size`` input, else why not."""
+    try:
+        with torch.device("meta"):
+            model = create_model(name, num_classes=2, **kwargs)
+            model.eval()(torch.empty(1, 3, img_size, img_size))
+    except Exception as e:  # any failure means: not with these settings
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+def model_kwargs_for(variant: str, shared: dict[str, Any], img_size: int) -> dict[str, Any]:
+    """The model arguments of ``variant`` in a study of size ``shared`` at ``img_size``.
+
+    An ablation variant takes the shared size minus its own switches (``ablation_single_head``
+    keeps its one head) and ``img_size`` (its APE tables). Any other registered model takes the
+    shared size and ``img_size`` only if it builds and runs with them, else each alone, else
+    neither (logged): a timm ResNet ignores ``embed_dim``, a ViT takes ``img_size``.
+    """
     if variant in ABLATION_VARIANTS:
-        overridden = sorted(k for k in variant_switches(variant) if k in kwargs)
-        for k in overridden:
-            _logger.debug("%s: keeps its own %s (the study's %s=%r is not applied)", variant, k, k, kwargs[k])
-            del kwargs[k]
+        own = variant_switches(variant)
+        dropped = sorted(k for k in shared if k in own)
+        if dropped:
+            _logger.debug("%s: keeps its own %s over the study's", variant, ", ".join(dropped))
+        return dict({k: v for k, v in shared.items() if k not in own}, img_size=img_size)
+    reasons = []
+    for candidate in (dict(shared, img_size=img_size), dict(shared), dict(img_size=img_size), {}):
+        why = _builds(variant, candidate, img_size)
+        if why is None:
+            left = sorted(set(shared) - set(candidate))
+            if left:
+                _logger.info("%s does not take the study's %s (%s): it trains at its registered size",
+                             variant, ", ".join(left), reasons[0])
+            return candidate
+        reasons.append(why)
+    raise ValueError(f"{variant} cannot be trained at {img_size} px: {reasons[-1]}")
+
+
+def run_dir(output: str | os.PathLike, variant: str, seed: int) -> Path:
+    """The folder of one run of a study."""
+    return Path(output) / variant / f"seed{seed}"
+
+
+def variant_config(spec: StudySpec, variant: str, seed: int = 0) -> TrainConfig:
+    """The :class:`TrainConfig` of one run: the shared recipe, the variant's size, its seed and folder."""
     overrides = dict(
-        spec.recipe, model=variant, model_kwargs=kwargs, output=str(Path(spec.output) / variant),
-        resume="auto", data_dir=spec.data_dir, device=spec.device, progress=spec.progress and spec.jobs == 1,
+        spec.recipe, model=variant, seed=seed,
+        model_kwargs=model_kwargs_for(variant, spec.model_kwargs, spec.recipe.get("img_size", 224)),
+        output=str(run_dir(spec.output, variant, seed)), resume="auto", data_dir=spec.data_dir, device=spec.device,
+        progress=spec.progress and spec.jobs == 1,
     )
     return ClassificationTask.resolve_settings(overrides=overrides)
 
@@ -152,7 +213,7 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _finished(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The variant's result if it has finished with this configuration (ValueError if with another)."""
+    """The run's result if it has finished with this configuration (ValueError if with another)."""
     path = Path(cfg.output) / "result.json"
     if not path.is_file():
         return None
@@ -163,47 +224,45 @@ def _finished(cfg: TrainConfig) -> dict[str, Any] | None:
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise ValueError(
             f"{path} was trained with other settings ({', '.join(changed)}); use another --output for a new study, "
-            f"or delete {cfg.output} to retrain this variant"
+            f"or delete {cfg.output} to retrain this run"
         )
     return result
 
 
-def train_variant(cfg: TrainConfig) -> dict[str, Any] | None:
-    """Train (or continue) one variant with :func:`mlla.engine.trainer.fit`; write its
+def train_run(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Train (or continue) one run with :func:`mlla.engine.trainer.fit`; write its
     ``result.json`` when it finishes. Returns the result, or None when it was interrupted."""
     from ...engine.trainer import fit
+    from .evaluate import evaluate_groups
 
     out = Path(cfg.output)
-    wall_path = out / "study_wall.json"
-    earlier = json.loads(wall_path.read_text())["wall_s"] if wall_path.is_file() else 0.0
-    start = time.perf_counter()
-    summary = fit(cfg)
-    wall = earlier + time.perf_counter() - start
-    atomic_save(lambda tmp: Path(tmp).write_text(json.dumps(dict(wall_s=wall))), wall_path)
+    out.mkdir(parents=True, exist_ok=True)
+    clock = WallClock(out)
+    try:
+        summary = fit(cfg)
+    finally:
+        wall_s, cpu_s = clock.stop()
     if summary["status"] != "finished":
         return None
     last = summary["last"]
+    groups = evaluate_groups(out / "last.pth")
     result = dict(
         variant=cfg.model,
+        seed=cfg.seed,
         epochs=summary["epoch"],
         top1=last.get("val_top1"),
         top5=last.get("val_top5"),
-        ema_top1=last.get("ema_top1"),
         best_top1=summary["best"].get("score"),
+        best_epoch=summary["best"].get("epoch"),
         train_loss=last.get("train_loss"),
-        wall_s=wall,
-        num_classes=_class_count(out),
+        **{f"{g}_top1": v for g, v in groups["groups"].items()},
+        wall_s=wall_s,
+        cpu_s=cpu_s,
+        num_classes=groups["num_classes"],
         config=cfg.to_dict(),
     )
     atomic_save(lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)), out / "result.json")
     return result
-
-
-def _class_count(out: Path) -> int:
-    """The number of classes a variant's run was trained on (from its last checkpoint)."""
-    from ...checkpoint import read_checkpoint
-
-    return len(read_checkpoint(out / "last.pth")["class_to_idx"])
 
 
 class _Forwarder:
@@ -215,7 +274,7 @@ class _Forwarder:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
-        _logger.warning("%s received: stopping the running variants after their current step", signal.Signals(signum).name)
+        _logger.warning("%s received: stopping the running runs after their current step", signal.Signals(signum).name)
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signum)
@@ -229,8 +288,12 @@ class _Forwarder:
             signal.signal(s, h)
 
 
+def _name(cfg: TrainConfig) -> str:
+    return f"{cfg.model} seed {cfg.seed}"
+
+
 def _run_parallel(spec: StudySpec, pending: list[TrainConfig], bar: Any) -> bool:
-    """Train ``pending`` variants ``spec.jobs`` at a time in child processes; True if all finished."""
+    """Train ``pending`` runs ``spec.jobs`` at a time in child processes; True if all finished."""
     threads = spec.threads or max(1, (os.cpu_count() or 1) // spec.jobs)
     gpus = torch.cuda.device_count() if spec.device != "cpu" else 0
     if not gpus and spec.jobs * threads > (os.cpu_count() or 1):
@@ -252,13 +315,13 @@ def _run_parallel(spec: StudySpec, pending: list[TrainConfig], bar: Any) -> bool
                     env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
                 log = open(out / "train.log", "a")
                 proc = subprocess.Popen(
-                    [sys.executable, "-m", "mlla.tasks.study.ablate", "--train-variant", str(out / "study_config.yaml"),
+                    [sys.executable, "-m", "mlla.tasks.study.ablate", "--train-run", str(out / "study_config.yaml"),
                      "--threads", str(threads)],
                     env=env, stdout=log, stderr=subprocess.STDOUT,
                 )
                 forwarder.procs.append(proc)
                 running[slot] = (proc, cfg, log)
-                _logger.info("%s: training in process %d (log %s)", cfg.model, proc.pid, out / "train.log")
+                _logger.info("%s: training in process %d (log %s)", _name(cfg), proc.pid, out / "train.log")
             if forwarder.requested:
                 queue.clear()
             time.sleep(0.5)
@@ -269,57 +332,117 @@ def _run_parallel(spec: StudySpec, pending: list[TrainConfig], bar: Any) -> bool
                 del running[slot]
                 if (Path(cfg.output) / "result.json").is_file():
                     bar.update(1)
-                    _logger.info("%s: finished", cfg.model)
+                    _logger.info("%s: finished", _name(cfg))
                 else:
                     ok = False
-                    _logger.warning("%s: stopped before finishing (exit code %d, see %s)", cfg.model, proc.returncode,
+                    _logger.warning("%s: stopped before finishing (exit code %d, see %s)", _name(cfg), proc.returncode,
                                     Path(cfg.output) / "train.log")
     return ok and not forwarder.requested
 
 
-def run_study(spec: StudySpec) -> list[dict[str, Any]] | None:
-    """Train every variant of ``spec`` that has not finished, then measure and write the results.
+def _check_input(spec: StudySpec) -> None:
+    """Refuse an image size the engine cannot train; fit the batch to a small training set."""
+    from ...engine.preflight import MIN_IMG_SIZE
+    from .data import STUDY_CLASSES
 
-    Returns the table's rows, or None when the study was interrupted (rerun it to continue:
-    finished variants are kept, an interrupted one resumes from its last checkpoint).
+    img_size = spec.recipe.get("img_size", 224)
+    if img_size < MIN_IMG_SIZE:
+        raise ValueError(f"--img-size {img_size}: the training engine takes {MIN_IMG_SIZE} px or more; "
+                         f"use --img-size {MIN_IMG_SIZE}")
+    if spec.data_dir is None:
+        n_train = spec.study_data.get("train_per_class", 500) * len(STUDY_CLASSES)
+    elif (Path(spec.data_dir) / "train").is_dir():
+        n_train = sum(1 for p in (Path(spec.data_dir) / "train").rglob("*") if p.is_file())
+    else:
+        raise FileNotFoundError(f"--data-dir {spec.data_dir}: no such folder, or no train/ in it")
+    batch = spec.recipe.get("batch_size", 128)
+    if n_train < batch:
+        if not spec.fit_batch:
+            raise ValueError(f"--batch-size {batch} is more than the {n_train} training images; "
+                             f"use --batch-size {n_train} or less")
+        _logger.warning("batch %d lowered to the %d training images (the learning rate scales with it)", batch, n_train)
+        spec.recipe["batch_size"] = n_train
+
+
+def _prepare_data(spec: StudySpec) -> Path:
+    """The study's data folder, the built-in task generated there if needed."""
+    from .data import make_study_dataset
+
+    if spec.data_dir is None:
+        data = dict(spec.study_data, img_size=spec.recipe.get("img_size", 224))
+        spec.data_dir = str(make_study_dataset(Path(spec.output) / "study_data", progress=spec.progress, **data))
+    return Path(spec.data_dir)
+
+
+def study_settings(spec: StudySpec) -> dict[str, Any]:
+    """The settings every run of a study shares (``study.json``; no variants or seeds)."""
+    from .data import study_dataset_settings
+
+    recipe = _comparable(variant_config(spec, "ablation_baseline").to_dict())
+    for key in ("model", "seed", "model_kwargs"):  # per run: the study's size is kept as given
+        recipe.pop(key)
+    settings: dict[str, Any] = dict(recipe=recipe, model_kwargs=json.loads(json.dumps(spec.model_kwargs)))
+    if spec.data_dir is None:
+        settings["study_data"] = study_dataset_settings(**dict(spec.study_data, img_size=spec.recipe.get("img_size", 224)))
+    return settings
+
+
+def run_study(spec: StudySpec) -> list[dict[str, Any]] | None:
+    """Train every run (variant x seed) of ``spec`` that has not finished, then measure and write
+    the results.
+
+    Returns the aggregate table's rows, or None when the study was interrupted (rerun it to
+    continue: finished runs are kept, an interrupted one resumes from its last checkpoint).
+
+    Raises:
+        StudyMismatch: the folder holds a study of other settings or data (and not ``new_study``).
     """
     from tqdm import tqdm
 
+    from .report import write_study_results
+
     if not spec.variants:
         raise ValueError("no variants to train; pass --variants NAME [NAME ...] (see `mlla models ablation_*`)")
-    unknown = [v for v in spec.variants if v not in DESIGNS and not _is_registered(v)]
+    if not spec.seeds or len(set(spec.seeds)) != len(spec.seeds):
+        raise ValueError(f"--seeds must name distinct seeds, got {list(spec.seeds)}")
+    unknown = [v for v in spec.variants if not _is_registered(v)]
     if unknown:
         raise ValueError(f"unknown model(s) {', '.join(unknown)}; see `mlla models`")
     if spec.jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {spec.jobs}")
-    output = Path(spec.output)
-    output.mkdir(parents=True, exist_ok=True)
-    if spec.data_dir is None:
-        from .data import make_study_dataset
-
-        spec.data_dir = str(make_study_dataset(output / "study_data", progress=spec.progress, **spec.study_data))
-    elif not Path(spec.data_dir).is_dir():
-        raise FileNotFoundError(f"--data-dir {spec.data_dir}: no such folder")
-    configs = [variant_config(spec, v) for v in spec.variants]
-    results: dict[str, dict[str, Any]] = {}
+    Path(spec.output).mkdir(parents=True, exist_ok=True)
+    _check_input(spec)
+    settings = study_settings(spec)
+    # Settings first, before the built-in task is (re)generated over the data of another study.
+    moved = check_manifest(spec.output, dict(settings=settings), new_study=spec.new_study)
+    data_root = _prepare_data(spec)
+    moved = check_manifest(spec.output, dict(settings=settings, data=data_fingerprint(data_root)),
+                           new_study=spec.new_study) or moved
+    if moved is not None:
+        _logger.warning("the earlier study (other settings or data) was moved to %s", moved)
+        if spec.data_dir == str(moved / "study_data"):  # the built-in task went with it: make it anew
+            spec.data_dir = None
+            data_root = _prepare_data(spec)
+            check_manifest(spec.output, dict(settings=settings, data=data_fingerprint(data_root)))
+    configs = [variant_config(spec, v, s) for s in spec.seeds for v in spec.variants]
     pending = []
+    done = 0
     for cfg in configs:
-        done = _finished(cfg)
-        if done is not None:
-            _logger.info("%s: finished earlier (%s), not retrained", cfg.model, Path(cfg.output) / "result.json")
-            results[cfg.model] = done
+        if _finished(cfg) is not None:
+            _logger.info("%s: finished earlier (%s), not retrained", _name(cfg), Path(cfg.output) / "result.json")
+            done += 1
         else:
             if (Path(cfg.output) / "last.pth").is_file():
-                _logger.info("%s: resuming from %s", cfg.model, Path(cfg.output) / "last.pth")
+                _logger.info("%s: resuming from %s", _name(cfg), Path(cfg.output) / "last.pth")
             pending.append(cfg)
-    bar = tqdm(total=len(configs), initial=len(results), desc="study", unit="variant", disable=not spec.progress)
+    bar = tqdm(total=len(configs), initial=done, desc="study", unit="run", disable=not spec.progress)
     if spec.jobs == 1:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         for cfg in pending:
-            bar.set_postfix_str(cfg.model)
-            if train_variant(cfg) is None:
-                _logger.warning("study interrupted during %s: rerun the same command to continue", cfg.model)
+            bar.set_postfix_str(_name(cfg))
+            if train_run(cfg) is None:
+                _logger.warning("study interrupted during %s: rerun the same command to continue", _name(cfg))
                 bar.close()
                 return None
             bar.update(1)
@@ -328,10 +451,10 @@ def run_study(spec: StudySpec) -> list[dict[str, Any]] | None:
         bar.close()
         return None
     bar.close()
-    for cfg in configs:
-        results[cfg.model] = json.loads((Path(cfg.output) / "result.json").read_text())
-    rows = _rows(spec, configs, results)
-    paths = write_study_results(rows, output)
+    results = [json.loads((Path(cfg.output) / "result.json").read_text()) for cfg in configs]
+    firsts = [variant_config(spec, v, spec.seeds[0]) for v in spec.variants]
+    variants = _variant_rows(spec, firsts, results[0]["num_classes"])
+    rows, paths = write_study_results(results, variants, spec.output)
     _logger.info("study results: %s", ", ".join(str(p) for p in paths.values()))
     return rows
 
@@ -340,8 +463,6 @@ def _is_registered(name: str) -> bool:
     import timm
 
     return timm.is_model(name)
-
-
 def measure_throughput(
     configs: Sequence[TrainConfig], num_classes: int, *, batch: int = 64, rounds: int = 5, device: str = "cpu",
     min_round_s: float = 0.5, progress: bool = True,
@@ -364,38 +485,30 @@ def measure_throughput(
     return {name: batch / statistics.median(ts) for name, ts in times.items()}
 
 
-def _rows(spec: StudySpec, configs: Sequence[TrainConfig], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def _variant_rows(spec: StudySpec, configs: Sequence[TrainConfig], num_classes: int) -> list[dict[str, Any]]:
+    """Per variant: parameters, GMACs, measured throughput and the paper's figures."""
     from ...engine.distributed import pick_device
     from ...profiling import count_gmacs, count_params
 
-    num_classes = results[configs[0].model]["num_classes"]
     device = str(pick_device(spec.device))
     speed = measure_throughput(configs, num_classes, batch=spec.bench_batch, rounds=spec.bench_rounds,
                                device=device, progress=spec.progress)
-    base = results.get("ablation_baseline", {}).get("top1")
     paper_base = PAPER_RESULTS.get("ablation_baseline", {}).get("top1")
     rows = []
     for cfg in configs:
         with torch.device("meta"):
             model = create_model(cfg.model, num_classes=num_classes, **cfg.model_kwargs)
-        r, paper = results[cfg.model], PAPER_RESULTS.get(cfg.model, {})
+        paper = PAPER_RESULTS.get(cfg.model, {})
         rows.append(dict(
             variant=cfg.model,
             design=DESIGNS.get(cfg.model, cfg.model),
             params_m=count_params(model) / 1e6,
             gmacs=count_gmacs(model, (3, cfg.img_size, cfg.img_size)),
             img_per_s=speed[cfg.model],
-            top1=r["top1"],
-            top5=r["top5"],
-            best_top1=r["best_top1"],
-            delta_top1=None if base is None or r["top1"] is None else r["top1"] - base,
-            wall_min=r["wall_s"] / 60,
-            epochs=r["epochs"],
             paper_params_m=paper.get("params_m"),
             paper_gmacs=paper.get("gmacs"),
             paper_top1=paper.get("top1"),
             paper_delta_top1=None if paper_base is None or "top1" not in paper else paper["top1"] - paper_base,
-            num_classes=num_classes,
             img_size=cfg.img_size,
             throughput_batch=spec.bench_batch,
             device=device,
@@ -404,97 +517,19 @@ def _rows(spec: StudySpec, configs: Sequence[TrainConfig], results: dict[str, di
     return rows
 
 
-COLUMNS = [
-    "variant", "design", "params_m", "gmacs", "img_per_s", "top1", "top5", "best_top1", "delta_top1", "wall_min",
-    "epochs", "paper_params_m", "paper_gmacs", "paper_top1", "paper_delta_top1", "num_classes", "img_size",
-    "throughput_batch", "device", "threads",
-]
-
-
-def _fmt(v: Any, spec: str) -> str:
-    return "-" if v is None else format(v, spec)
-
-
-def format_study_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The results as a Markdown table, the paper's ImageNet figures in the last columns."""
-    head = ["variant", "design", "params (M)", "GMACs", "img/s", "top-1", "top-5", "Δ top-1", "wall (min)",
-            "paper params (M)", "paper GMACs", "paper ImageNet top-1", "paper Δ top-1"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append("| " + " | ".join([
-            r["variant"], r["design"], _fmt(r["params_m"], ".3f"), _fmt(r["gmacs"], ".4f"), _fmt(r["img_per_s"], ".0f"),
-            _fmt(r["top1"], ".1f"), _fmt(r["top5"], ".1f"), _fmt(r["delta_top1"], "+.1f"), _fmt(r["wall_min"], ".1f"),
-            _fmt(r["paper_params_m"], ".0f"), _fmt(r["paper_gmacs"], ".1f"), _fmt(r["paper_top1"], ".1f"),
-            _fmt(r["paper_delta_top1"], "+.1f"),
-        ]) + " |")
-    return "\n".join(lines)
-
-
-def plot_study(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
-    """Bar chart: top-1 on the study's data per variant (left) and the change against the
-    baseline, study beside paper (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [r["design"] for r in rows]
-    y = list(range(len(rows)))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 0.45 * len(rows) + 1.6), sharey=True)
-    ax1.barh(y, [r["top1"] or 0.0 for r in rows], color="C0")
-    for i, r in enumerate(rows):
-        ax1.text((r["top1"] or 0.0) + 0.5, i, _fmt(r["top1"], ".1f"), va="center", fontsize=8)
-    if rows and rows[0].get("num_classes"):
-        ax1.axvline(100 / rows[0]["num_classes"], color="k", ls="--", lw=0.8, label="chance")
-        ax1.legend(fontsize=8, loc="lower right")
-    ax1.set_yticks(y, labels, fontsize=8)
-    ax1.invert_yaxis()
-    ax1.set_xlim(0, 105)
-    ax1.set_xlabel("top-1 on this study's validation set (%)")
-    h = 0.38
-    ax2.barh([i - h / 2 for i in y], [r["delta_top1"] or 0.0 for r in rows], height=h, color="C0", label="this study")
-    ax2.barh([i + h / 2 for i in y], [r["paper_delta_top1"] or 0.0 for r in rows], height=h, color="C1",
-             label="paper, ImageNet-1K")
-    ax2.axvline(0, color="k", lw=0.8)
-    ax2.set_xlabel("top-1 change against the baseline (points)")
-    ax2.legend(fontsize=8, loc="lower right")
-    for ax in (ax1, ax2):
-        ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return atomic_save(lambda tmp: Path(tmp).write_bytes(buf.getvalue()), path)
-
-
-def write_study_results(rows: Sequence[dict[str, Any]], out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write ``results.csv``, ``results.json``, ``table.md`` and ``chart.png`` atomically."""
-    out_dir = Path(out_dir)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return {
-        "csv": atomic_save(lambda tmp: Path(tmp).write_text(buf.getvalue()), out_dir / "results.csv"),
-        "json": atomic_save(lambda tmp: Path(tmp).write_text(json.dumps(list(rows), indent=1)), out_dir / "results.json"),
-        "table": atomic_save(lambda tmp: Path(tmp).write_text(format_study_table(rows) + "\n"), out_dir / "table.md"),
-        "chart": plot_study(rows, out_dir / "chart.png"),
-    }
-
-
-def _train_variant_main(argv: Sequence[str] | None = None) -> int:
-    """Child-process entry of ``jobs > 1``: train the variant of a ``study_config.yaml``."""
-    parser = argparse.ArgumentParser(description="internal: train one variant of `mlla ablate`")
-    parser.add_argument("--train-variant", required=True, help="the variant's study_config.yaml")
+def _train_run_main(argv: Sequence[str] | None = None) -> int:
+    """Child-process entry of ``jobs > 1``: train the run of a ``study_config.yaml``."""
+    parser = argparse.ArgumentParser(description="internal: train one run of `mlla ablate`")
+    parser.add_argument("--train-run", required=True, help="the run's study_config.yaml")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     import mlla  # noqa: F401  (registers the models)
 
-    cfg = ClassificationTask.resolve_settings(yaml_path=args.train_variant)
-    return 0 if train_variant(cfg) is not None else 1
+    cfg = ClassificationTask.resolve_settings(yaml_path=args.train_run)
+    return 0 if train_run(cfg) is not None else 1
 
 
 if __name__ == "__main__":
-    sys.exit(_train_variant_main())
+    sys.exit(_train_run_main())

@@ -5,9 +5,13 @@ re-implemented) and returns plain numbers; :func:`write_analysis` draws them and
 
 * :func:`forget_gate_means` (paper Fig. 4b): mean forget-gate value ``exp(Delta A)`` per layer.
 * :func:`input_gate_maps` (Fig. 4a): the input gate ``Delta`` over an image, averaged over channels.
-* :func:`token_norm_spread` (Fig. 5): per layer, the standard deviation over tokens of the
-  attention output's token norms.
+* :func:`token_norm_spread` (Fig. 5): per layer, the spread over tokens of the attention
+  output's token norms, absolute (std) and relative to their mean (coefficient of variation).
 * :func:`effective_receptive_field`: ``|d centre feature / d input|``, averaged over images.
+
+:func:`analyze` reads every analysis of a trained model beside the same architecture untrained
+(same seed: what the initialisation alone gives) and, for a run of an ``mlla ablate`` study,
+beside the trained baseline of the same seed: a trained value means something only against both.
 """
 from __future__ import annotations
 
@@ -90,18 +94,23 @@ def forget_gate_means(model: nn.Module, images: torch.Tensor) -> dict[str, float
     heads, key channels and images; ``images (B, 3, H, W)``, already normalised.
 
     ``Delta`` is read from each layer's ``forget_delta`` module with a hook; ``A = -exp(A_log)``.
+    A bidirectional layer's backward scan is listed as ``'<layer> (backward)'``.
 
     Raises:
         AnalysisNotApplicable: the model has no forget gate.
     """
-    layers = _gated(model, "forget_delta")
-    with _capture({n: m.forget_delta for n, m in layers.items()}) as deltas, torch.no_grad():
+    gates = {}
+    for name, layer in _gated(model, "forget_delta").items():
+        gates[name] = (layer.forget_delta, layer.A_log)
+        if layer.backward_delta is not None:
+            gates[f"{name} (backward)"] = (layer.backward_delta, layer.A_log_backward)
+    with _capture({n: delta for n, (delta, _) in gates.items()}) as deltas, torch.no_grad():
         model.eval()(images)
     means = {}
-    for name, layer in layers.items():
-        A = -layer.A_log.detach().float().exp()  # (qk_dim,)
-        gates = [torch.exp(d * A) for d in deltas[name]]  # (B, H, W, qk_dim) each
-        means[name] = float(torch.cat([g.flatten() for g in gates]).mean())
+    for name, (_, A_log) in gates.items():
+        A = -A_log.detach().float().exp()  # (qk_dim,)
+        values = [torch.exp(d * A) for d in deltas[name]]  # (B, H, W, qk_dim) each
+        means[name] = float(torch.cat([g.flatten() for g in values]).mean())
     return means
 
 
@@ -119,8 +128,10 @@ def input_gate_maps(model: nn.Module, image: torch.Tensor) -> dict[str, torch.Te
 
 
 def token_norm_spread(model: nn.Module, images: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Per attention layer: ``std`` (over tokens, averaged over images) and ``mean`` of the
-    token norms ``||y_i||`` of the attention output ``y (B, H, W, C)``.
+    """Per attention layer: ``std`` (over tokens, averaged over images), ``mean`` of the token
+    norms ``||y_i||`` of the attention output ``y (B, H, W, C)``, and ``cv``, the coefficient of
+    variation: per image the std over tokens divided by the mean over tokens, averaged over images
+    (comparable between models whose output scales differ by orders of magnitude).
 
     The forward runs with autograd on (no backward) so every model takes its plain module path.
 
@@ -137,7 +148,9 @@ def token_norm_spread(model: nn.Module, images: torch.Tensor) -> dict[str, dict[
     stats = {}
     for name in layers:
         norms = torch.cat([y.flatten(1, -2).norm(dim=-1) for y in outs[name]])  # (B, N)
-        stats[name] = dict(std=float(norms.std(dim=1, correction=0).mean()), mean=float(norms.mean()))
+        std = norms.std(dim=1, correction=0)
+        stats[name] = dict(std=float(std.mean()), mean=float(norms.mean()),
+                           cv=float((std / norms.mean(dim=1).clamp_min(1e-30)).mean()))
     return stats
 
 
@@ -225,15 +238,20 @@ def _csv(rows: Sequence[dict[str, Any]]) -> str:
 
 def _write_forget(result: dict[str, Any], out: Path) -> list[Path]:
     plt = _plt()
-    means = result["means"]
-    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(means) + 2), 3.6))
-    ax.bar(range(len(means)), list(means.values()), color="C2")
-    ax.set_xticks(range(len(means)), list(means), rotation=60, ha="right", fontsize=7)
+    subjects = result["means"]
+    layers = list(next(iter(subjects.values())))
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(layers) + 2), 3.8))
+    width = 0.8 / len(subjects)
+    for i, (label, means) in enumerate(subjects.items()):
+        ax.bar([j + (i - (len(subjects) - 1) / 2) * width for j in range(len(layers))],
+               [means.get(layer, 0.0) for layer in layers], width=width, color=f"C{i}", label=label)
+    ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("mean forget gate exp(ΔA)")
-    ax.set_title(f"{result['model']}: forget gate per layer", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{result['model']}: forget gate per layer, trained and untrained", fontsize=9)
     fig.tight_layout()
-    rows = [dict(layer=k, mean_forget_gate=v) for k, v in means.items()]
+    rows = [dict(model=label, layer=k, mean_forget_gate=v) for label, means in subjects.items() for k, v in means.items()]
     return [
         _save_figure(fig, out / "forget_gate.png"),
         _save_text(json.dumps(result, indent=1), out / "forget_gate.json"),
@@ -243,17 +261,18 @@ def _write_forget(result: dict[str, Any], out: Path) -> list[Path]:
 
 def _write_input(result: dict[str, Any], out: Path) -> list[Path]:
     plt = _plt()
-    maps = result["maps"]
-    n = len(maps) + 1
-    fig, axes = plt.subplots(1, n, figsize=(2.6 * n, 2.9))
-    axes[0].imshow(result["image"])
-    axes[0].set_title("image", fontsize=8)
-    for ax, (name, m) in zip(axes[1:], maps.items()):
-        im = ax.imshow(m, cmap="viridis")
-        ax.set_title(name, fontsize=7)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    for ax in axes:
-        ax.axis("off")
+    subjects = result["maps"]
+    n = max(len(m) for m in subjects.values()) + 1
+    fig, axes = plt.subplots(len(subjects), n, figsize=(2.6 * n, 2.9 * len(subjects)), squeeze=False)
+    for row, (label, maps) in zip(axes, subjects.items()):
+        row[0].imshow(result["image"])
+        row[0].set_title(label, fontsize=7)
+        for ax, (name, m) in zip(row[1:], maps.items()):
+            im = ax.imshow(m, cmap="viridis")
+            ax.set_title(name, fontsize=7)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        for ax in row:
+            ax.axis("off")
     fig.suptitle(f"{result['model']}: input gate Δ (mean over channels)", fontsize=9)
     fig.tight_layout()
     data = {k: v for k, v in result.items() if k != "image"}
@@ -265,14 +284,14 @@ def _write_norms(result: dict[str, Any], out: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 3.8))
     rows = []
     for label, stats in result["runs"].items():
-        ax.plot(range(len(stats)), [s["std"] for s in stats.values()], marker="o", label=label)
-        rows += [dict(run=label, layer=k, std=s["std"], mean=s["mean"]) for k, s in stats.items()]
+        ax.plot(range(len(stats)), [s["cv"] for s in stats.values()], marker="o", label=label)
+        rows += [dict(run=label, layer=k, **s) for k, s in stats.items()]
     first = next(iter(result["runs"].values()))
     ax.set_xticks(range(len(first)), list(first), rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("std of token norms (attention output)")
-    ax.set_yscale("log")
+    ax.set_ylabel("token-norm std / mean (per image)")
+    ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)
-    ax.set_title(f"{result['model']}: spread of token norms per layer", fontsize=9)
+    ax.set_title(f"{result['model']}: relative spread of token norms per layer", fontsize=9)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return [
@@ -289,9 +308,9 @@ def _write_erf(result: dict[str, Any], out: Path) -> list[Path]:
     for ax, (name, m) in zip(axes[0], maps.items()):
         t = torch.tensor(m)
         ax.imshow(torch.log10(t / t.max().clamp_min(1e-30) + 1e-6).numpy(), cmap="magma", vmin=-4, vmax=0)
-        ax.set_title(f"{name}\n99% of mass in {100 * result['area_ratio'][name]['0.99']:.1f}% of pixels", fontsize=7)
+        ax.set_title(f"{name}\n50% of mass in {100 * result['area_ratio'][name]['0.5']:.1f}% of pixels", fontsize=7)
         ax.axis("off")
-    fig.suptitle("effective receptive field, log10 |grad| (normalised)", fontsize=9)
+    fig.suptitle(f"effective receptive field at {result['erf_size']} px, log10 |grad| (normalised)", fontsize=9)
     fig.tight_layout()
     rows = [dict(model=k, **{f"area_{f}": v for f, v in r.items()}) for k, r in result["area_ratio"].items()]
     paths = [_save_figure(fig, out / "erf.png"), _save_text(json.dumps(result), out / "erf.json"),
@@ -301,9 +320,11 @@ def _write_erf(result: dict[str, Any], out: Path) -> list[Path]:
 
 # --------------------------------------------------------------------------- model and images
 def load_model(source: str, *, model: str | None = None, model_kwargs: dict[str, Any] | None = None,
-               img_size: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+               img_size: int | None = None, weights: bool = True) -> tuple[nn.Module, dict[str, Any]]:
     """A model in eval mode from a training checkpoint (its ``config`` names the model and size),
     a weights file with ``model`` given, or a registered model name (random initialisation).
+    ``weights=False``: the checkpoint's model untrained, initialised after seeding with its
+    training seed (the untrained twin).
 
     Returns ``(model, info)``; ``info`` has ``name``, ``source``, ``img_size``, ``crop_pct``,
     ``interpolation`` and ``data_dir`` (from the training config, where known).
@@ -325,9 +346,12 @@ def load_model(source: str, *, model: str | None = None, model_kwargs: dict[str,
         classes = ckpt.get("class_to_idx")
         if classes:
             kwargs["num_classes"] = len(classes)
+        if not weights:
+            torch.manual_seed(int(config.get("seed") or 0))
         net = create_model(name, **kwargs)
-        load_model_weights(net, path)
-        info = dict(name=name, source=str(path), img_size=img_size or config.get("img_size"),
+        if weights:
+            load_model_weights(net, path)
+        info = dict(name=name, source=str(path) if weights else f"untrained, seed {config.get('seed') or 0}", img_size=img_size or config.get("img_size"),
                     crop_pct=config.get("crop_pct"), interpolation=config.get("interpolation"),
                     data_dir=config.get("data_dir"), val_split=config.get("val_split", "val"))
     else:
@@ -371,6 +395,23 @@ def load_images(model: nn.Module, info: dict[str, Any], files: Sequence[Path]) -
     return torch.stack([tf(Image.open(f).convert("RGB")) for f in files])
 
 
+def study_baseline(source: str | os.PathLike) -> Path | None:
+    """For ``OUT/<variant>/seed<k>/<file>`` of an ``mlla ablate`` study, the baseline's
+    ``OUT/ablation_baseline/seed<k>/<file>`` if it exists (None for the baseline itself)."""
+    path = Path(source)
+    if not path.is_file() or not path.parent.name.startswith("seed") or path.parent.parent.name == "ablation_baseline":
+        return None
+    candidate = path.parent.parent.parent / "ablation_baseline" / path.parent.name / path.name
+    return candidate if candidate.is_file() else None
+
+
+def _erf_size(model: nn.Module, img_size: int) -> int:
+    """At least 8x8 tokens in the last stage (else the centre token's field is the whole image by construction)."""
+    info = getattr(model, "feature_info", None)
+    reduction = info[-1]["reduction"] if isinstance(info, list) and info and "reduction" in info[-1] else 32
+    return max(img_size, 8 * reduction)
+
+
 def analyze(
     source: str,
     analyses: Sequence[str] | None,
@@ -383,14 +424,20 @@ def analyze(
     image: str | os.PathLike | None = None,
     num_images: int = 16,
     compare: Sequence[str] = (),
+    baseline: str | os.PathLike | None = None,
+    erf_size: int | None = None,
     seed: int = 0,
 ) -> dict[str, list[Path]]:
     """Run ``analyses`` (default: every one of :data:`ANALYSES` that applies) on the model of
     ``source`` and write each one's PNG and numbers to ``out_dir``.
 
-    Images come from ``images`` (a folder), else the validation split of the data the checkpoint
-    was trained on, else Gaussian noise (logged). ``compare``: models (``NAME`` for a random
-    initialisation or ``NAME=CHECKPOINT``) drawn beside it in the ERF and token-norm analyses.
+    Every analysis of a checkpoint is also run on its untrained twin (same model, size and seed,
+    no training) and on ``baseline`` (a checkpoint; default: the same seed's baseline when
+    ``source`` is a run of an ``mlla ablate`` study) where it applies. Images come from
+    ``images`` (a folder), else the validation split of the data the checkpoint was trained on,
+    else Gaussian noise (logged). ``compare``: more models (``NAME`` for a random initialisation or
+    ``NAME=CHECKPOINT``). The ERF is measured at ``erf_size`` (default: the size that gives the
+    last stage 8x8 tokens, at least the training size).
 
     Raises:
         AnalysisNotApplicable: an analysis asked for by name does not apply to the model.
@@ -404,29 +451,43 @@ def analyze(
     if folder is None and info.get("data_dir") and (Path(info["data_dir"]) / info["val_split"]).is_dir():
         folder = Path(info["data_dir"]) / info["val_split"]
     files = find_images(folder, num_images) if folder is not None else []
-    if files:
-        batch = load_images(net, info, files)
-        log.info("%d images from %s", len(files), folder)
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        batch = torch.randn(num_images, 3, info["img_size"], info["img_size"], generator=gen)
-        log.warning("no --images and no training data known: using %d Gaussian-noise images", num_images)
-    others = []
+    label = f"{info['name']} ({'random init' if info['source'] == 'random initialisation' else 'trained'})"
+    subjects: list[tuple[str, nn.Module]] = [(label, net)]
+    if Path(source).is_file():
+        twin, twin_info = load_model(source, model=model, model_kwargs=model_kwargs, img_size=img_size, weights=False)
+        subjects.append((f"{info['name']} ({twin_info['source']})", twin))
+        baseline = baseline if baseline is not None else study_baseline(source)
+        if baseline is not None:
+            base_net, base_info = load_model(str(baseline), img_size=info["img_size"])
+            subjects.append((f"{base_info['name']} (trained, {Path(baseline).parent.name})", base_net))
     for spec in compare:
         name, _, ckpt = spec.partition("=")
-        other, other_info = load_model(ckpt or name, model=name if ckpt else None, img_size=info["img_size"])
-        others.append((f"{name} ({'trained' if ckpt else 'random init'})", other))
-    label = f"{info['name']} ({'random init' if info['source'] == 'random initialisation' else Path(source).name})"
+        other, _ = load_model(ckpt or name, model=name if ckpt else None, img_size=info["img_size"])
+        subjects.append((f"{name} ({'trained' if ckpt else 'random init'})", other))
+    log.info("analysing %s beside %s", label, ", ".join(s for s, _ in subjects[1:]) or "nothing")
+
+    def batch_at(size: int) -> torch.Tensor:
+        if files:
+            return load_images(net, dict(info, img_size=size), files)
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(num_images, 3, size, size, generator=gen)
+
+    if not files:
+        log.warning("no --images and no training data known: using %d Gaussian-noise images", num_images)
+    batch = batch_at(info["img_size"])
+    erf_size = erf_size or _erf_size(net, info["img_size"])
     written: dict[str, list[Path]] = {}
     skipped = []
     for kind in analyses or ANALYSES:
         try:
-            result = _run_one(kind, net, info, label, batch, files, image, others)
+            result = _run_one(kind, subjects, info, batch if kind != "erf" else batch_at(erf_size), files, image)
         except AnalysisNotApplicable as e:
             if analyses:
                 raise
             skipped.append(f"{kind} ({e})")
             continue
+        if kind == "erf":
+            result["erf_size"] = erf_size
         written[kind] = write_analysis(kind, result, out_dir)
         log.info("%s: %s", kind, ", ".join(str(p) for p in written[kind]))
     if skipped:
@@ -434,11 +495,24 @@ def analyze(
     return written
 
 
-def _run_one(kind: str, net: nn.Module, info: dict[str, Any], label: str, batch: torch.Tensor,
-             files: Sequence[Path], image: str | os.PathLike | None, others: Sequence[tuple[str, nn.Module]]) -> dict[str, Any]:
+def _each(subjects: Sequence[tuple[str, nn.Module]], what: Callable[[nn.Module], Any], kind: str) -> dict[str, Any]:
+    """``what`` of the first subject (errors propagate), then of each other one where it applies."""
+    (label, net), *others = subjects
+    out = {label: what(net)}
+    for name, other in others:
+        try:
+            out[name] = what(other)
+        except AnalysisNotApplicable as e:
+            _logger.info("%s: %s left out of the comparison: %s", kind, name, e)
+    return out
+
+
+def _run_one(kind: str, subjects: Sequence[tuple[str, nn.Module]], info: dict[str, Any], batch: torch.Tensor,
+             files: Sequence[Path], image: str | os.PathLike | None) -> dict[str, Any]:
+    net = subjects[0][1]
     base = dict(model=info["name"], source=info["source"], img_size=info["img_size"], num_images=len(batch))
     if kind == "forget-gate":
-        return dict(base, means=forget_gate_means(net, batch))
+        return dict(base, means=_each(subjects, lambda m: forget_gate_means(m, batch), kind))
     if kind == "input-gate":
         from PIL import Image
 
@@ -447,28 +521,19 @@ def _run_one(kind: str, net: nn.Module, info: dict[str, Any], label: str, batch:
         if path is None:
             raise ValueError("the input-gate map needs an image: pass --image PATH or --images DIR")
         x = load_images(net, info, [path])[0]
-        maps = input_gate_maps(net, x)
+        maps = _each(subjects, lambda m: {k: v.tolist() for k, v in input_gate_maps(m, x).items()}, kind)
         shown = Image.open(path).convert("RGB").resize((info["img_size"], info["img_size"]))
-        return dict(base, image_file=str(path), image=shown, maps={k: v.tolist() for k, v in maps.items()},
-                    grid={k: list(v.shape) for k, v in maps.items()})
+        return dict(base, image_file=str(path), image=shown, maps=maps)
     if kind == "token-norms":
-        runs = {label: token_norm_spread(net, batch)}
+        runs = _each(subjects, lambda m: token_norm_spread(m, batch), kind)
         gated = [m for m in net.modules() if isinstance(m, GatedLinearAttention)]
         if gated:
             on = gated[0].normalize
             with attention_normalization(net, not on):
-                runs[f"same weights, normalisation {'off' if on else 'on'}"] = token_norm_spread(net, batch)
-        for name, other in others:
-            try:
-                runs[name] = token_norm_spread(other, batch)
-            except AnalysisNotApplicable as e:
-                _logger.info("token-norms: %s left out of the comparison: %s", name, e)
+                runs[f"{subjects[0][0]}, normalisation switched {'off' if on else 'on'}"] = token_norm_spread(net, batch)
         return dict(base, runs=runs)
     if kind == "erf":
-        maps, ratios = {}, {}
-        for name, m in [(label, net), *others]:
-            erf = effective_receptive_field(m, batch)
-            maps[name] = erf.tolist()
-            ratios[name] = {str(f): erf_area_ratio(erf, f) for f in (0.2, 0.5, 0.99)}
-        return dict(base, maps=maps, area_ratio=ratios)
+        maps = _each(subjects, lambda m: effective_receptive_field(m, batch), kind)
+        ratios = {name: {str(f): erf_area_ratio(erf, f) for f in (0.2, 0.5, 0.99)} for name, erf in maps.items()}
+        return dict(base, maps={k: v.tolist() for k, v in maps.items()}, area_ratio=ratios)
     raise ValueError(f"unknown analysis {kind!r}; choose from {', '.join(ANALYSES)}")
