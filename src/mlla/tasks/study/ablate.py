@@ -220,8 +220,9 @@ def _finished(cfg: TrainConfig) -> dict[str, Any] | None:
     result = json.loads(path.read_text())
     saved = _comparable(result["config"])
     now = _comparable(json.loads(json.dumps(cfg.to_dict())))
-    if saved != now:
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    # compared where both record a setting: one on one side only was added or dropped by the library since
+    changed = sorted(k for k in set(saved) & set(now) if saved[k] != now[k])
+    if changed:
         raise ValueError(
             f"{path} was trained with other settings ({', '.join(changed)}); use another --output for a new study, "
             f"or delete {cfg.output} to retrain this run"
@@ -342,7 +343,7 @@ def _run_parallel(spec: StudySpec, pending: list[TrainConfig], bar: Any) -> bool
 
 def _check_input(spec: StudySpec) -> None:
     """Refuse an image size the engine cannot train; fit the batch to a small training set."""
-    from ...engine.preflight import MIN_IMG_SIZE
+    from ..classification.task import MIN_IMG_SIZE
     from .data import STUDY_CLASSES
 
     img_size = spec.recipe.get("img_size", 224)

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from ...engine.preflight import MIN_IMG_SIZE
+from ..classification.task import MIN_IMG_SIZE
 
 __all__ = ["STUDY_CLASSES", "STUDY_GROUPS", "draw_study_image", "make_study_dataset", "study_dataset_settings"]
 

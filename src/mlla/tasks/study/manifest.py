@@ -66,10 +66,13 @@ def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def manifest_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
     """Human-readable differences between two manifests: each setting by its dotted name
-    (``recipe.epochs: 10 -> 12``), the data by class folder."""
+    (``recipe.epochs: 10 -> 12``), the data by class folder. A recipe setting recorded on one side
+    only (one the library has since added or dropped, e.g. another task's) is not a difference."""
     diffs = []
     s_set, n_set = _flatten(saved.get("settings", {})), _flatten(now.get("settings", {}))
     for key in sorted(set(s_set) | set(n_set)):
+        if key.startswith("recipe.") and (key in s_set) != (key in n_set):
+            continue  # a setting the library added or dropped since: recorded on one side only
         if s_set.get(key) != n_set.get(key):
             diffs.append(f"{key}: {_describe(s_set.get(key))} -> {_describe(n_set.get(key))}")
     if "data" not in now:
