@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.mlla_attention import add_mlla_attention_, mlla_attention, uses_kernel
+from ..ops.mlla_attn import add_mlla_attention_, mlla_attention, uses_kernel
 from .conv import DepthwiseConv
 
 __all__ = ["MllaLinearAttention"]
@@ -55,13 +55,14 @@ class MllaLinearAttention(nn.Module):
         B, C, H, W = x.shape
         tokens = x.permute(0, 2, 3, 1)  # (B, H, W, C), a view
         qk = self.qk(tokens).reshape(B, H * W, 2, self.num_heads, self.head_dim)
-        out = mlla_attention(qk, tokens.reshape(B, H * W, self.num_heads, self.head_dim), *rope, eps=self.eps)
+        cos, sin = rope
+        out = mlla_attention(qk, tokens.reshape(B, H * W, self.num_heads, self.head_dim), cos, sin, eps=self.eps)
         return self.lepe(x).permute(0, 2, 3, 1) + out.reshape(B, H, W, C)
 
     def forward_inplace(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """:meth:`forward` for the fused inference path of :class:`MllaBlock` (see
         :meth:`MllaBlock.forward_fused`): no autograd, in place on fresh tensors
-        (:func:`mlla.ops.mlla_attention.add_mlla_attention_`), with the ``qk`` projection's rows
+        (:func:`mlla.ops.mlla_attn.add_mlla_attention_`), with the ``qk`` projection's rows
         read with each head's channel pairs de-interleaved. Where the attention backend selects the
         fused kernel, that kernel (it allocates nothing of its own beyond its output)."""
         B, C, H, W = x.shape
@@ -72,7 +73,8 @@ class MllaLinearAttention(nn.Module):
             return self.forward(x, rope)
         qk = F.linear(tokens, *self._deinterleaved_qk())  # (B, H, W, 2C), pairs de-interleaved
         lepe = self.lepe(x).permute(0, 2, 3, 1)  # (B, H, W, C), fresh: add the attention into it
-        add_mlla_attention_(lepe.view(B, N, h, d), qk.view(B, N, 2, h, d), v, *rope, eps=self.eps)
+        cos, sin = rope
+        add_mlla_attention_(lepe.view(B, N, h, d), qk.view(B, N, 2, h, d), v, cos, sin, eps=self.eps)
         return lepe
 
     def _deinterleaved_qk(self) -> tuple[torch.Tensor, torch.Tensor | None]:

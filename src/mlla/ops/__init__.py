@@ -1,6 +1,6 @@
 """Tensor-level operators: pure functions, no parameters."""
 from .linear_attention import KERNELS, feature_map, gated_linear_attention
-from .mlla_attention import attention_backend, get_attention_backend, mlla_attention, set_attention_backend
+from .mlla_attn import attention_backend, get_attention_backend, mlla_attention, set_attention_backend
 from .rope import apply_rope_2d, rope_2d_head_tables, rope_2d_tables
 from .selective_scan import selective_scan
 

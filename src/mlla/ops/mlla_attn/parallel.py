@@ -1,7 +1,7 @@
 """MLLA's attention in PyTorch: the reference path of the model (CPU, export, FX, and CUDA unless
 the fused kernel is switched on), and an in-place variant for eager inference.
 
-Both compute :func:`mlla.ops.mlla_attention.naive.mlla_attention_naive`; they rotate q and k
+Both compute :func:`mlla.ops.mlla_attn.naive.mlla_attention_naive`; they rotate q and k
 straight into the head-major layout of the two matmuls, each head's channel pairs ``(a_p, b_p)``
 de-interleaved (``[a_0 .. a_{d/2-1}, b_0 .. b_{d/2-1}]``). That reorders channels of q and k
 alike, which changes no dot product within a head.

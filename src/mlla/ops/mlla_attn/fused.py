@@ -2,7 +2,7 @@
 ``mlla::mlla_attention_bwd``) that ``torch.compile`` keeps whole in its graph, joined by an
 :class:`torch.autograd.Function`.
 
-Importing this module imports Triton; :mod:`mlla.ops.mlla_attention` does so only when the
+Importing this module imports Triton; :mod:`mlla.ops.mlla_attn` does so only when the
 attention backend asks for the kernel.
 """
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """MLLA's attention, the readable reference: the formula of SPEC section 3, one step per line.
 
 Slow and allocation-heavy by design; it defines what the PyTorch form
-(:mod:`mlla.ops.mlla_attention.parallel`) and the fused Triton kernel
-(:mod:`mlla.ops.mlla_attention.fused`) compute. Tests run it in float64.
+(:mod:`mlla.ops.mlla_attn.parallel`) and the fused Triton kernel
+(:mod:`mlla.ops.mlla_attn.fused`) compute. Tests run it in float64.
 """
 from __future__ import annotations
 

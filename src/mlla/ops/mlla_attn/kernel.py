@@ -22,9 +22,10 @@ everything is computed in float32, the matmuls take their operands in the input 
 IEEE, or TF32 where ``torch.backends.cuda.matmul.allow_tf32`` allows it) and accumulate in
 float32. Any token count and any even head dim (blocks are padded to powers of two, at least 16).
 
-Kernels are compiled on first use. Under ``TRITON_INTERPRET=1`` (read then) Triton's interpreter
-runs them on CPU tensors, with small blocks; its ``tl.dot`` cannot multiply bfloat16 (it sees the
-raw bits), so there bfloat16 operands are multiplied in float32.
+Under ``TRITON_INTERPRET=1``, set before Triton is first imported (``tests/conftest.py`` sets it
+where there is no CUDA device), Triton's interpreter runs the kernels on CPU tensors, with small
+blocks; its ``tl.dot`` cannot multiply bfloat16 (it sees the raw bits), so there bfloat16
+operands are multiplied in float32.
 """
 from __future__ import annotations
 
@@ -34,22 +35,12 @@ import triton.language as tl
 
 __all__ = ["backward", "forward", "interpreted"]
 
-_JITTED: dict[tuple[str, bool], object] = {}
-
-
 def interpreted() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return bool(triton.knobs.runtime.interpret)
 
 
-def _jit(fn):
-    """``triton.jit(fn)``, once per function and interpreter setting."""
-    key = (fn.__name__, interpreted())
-    if key not in _JITTED:
-        _JITTED[key] = triton.jit(fn)
-    return _JITTED[key]
-
-
+@triton.jit
 def _kv_kernel(
     qk_ptr, v_ptr, cos_ptr, sin_ptr, kv_ptr, ksum_ptr,
     N, H, tokens_per_program,
@@ -102,6 +93,7 @@ def _kv_kernel(
     tl.store(ksum_ptr + part * (2 * HALF) + HALF + p, sum_b, mask=mask_p)
 
 
+@triton.jit
 def _out_kernel(
     qk_ptr, cos_ptr, sin_ptr, kv_ptr, kmean_ptr, out_ptr,
     N, H, eps,
@@ -145,6 +137,7 @@ def _out_kernel(
     tl.store(out, o.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :])
 
 
+@triton.jit
 def _bwd_q_kernel(
     qk_ptr, cos_ptr, sin_ptr, kv_ptr, kmean_ptr, do_ptr, dqk_ptr, dkv_ptr, dkmean_ptr,
     N, H, tokens_per_program, eps,
@@ -214,6 +207,7 @@ def _bwd_q_kernel(
     tl.store(dkmean_ptr + part * (2 * HALF) + HALF + p, dkm_b, mask=mask_p)
 
 
+@triton.jit
 def _bwd_kv_kernel(
     qk_ptr, v_ptr, cos_ptr, sin_ptr, dkv_ptr, dkmean_ptr, dqk_ptr, dv_ptr,
     N, H,
@@ -310,14 +304,14 @@ def forward(
     chunks, consts = cfg["chunks"], cfg["consts"]
     kv_parts = qk.new_empty((B * H, chunks, d, d), dtype=torch.float32)
     ksum_parts = qk.new_empty((B * H, chunks, d), dtype=torch.float32)
-    _jit(_kv_kernel)[(B * H, chunks)](
+    _kv_kernel[(B * H, chunks)](
         qk, v, cos, sin, kv_parts, ksum_parts, N, H, cfg["tokens_per_program"],
         *qk.stride(), *v.stride(), *cos.stride()[:2], **consts,
     )
     kv, kmean = kv_parts.sum(1) / N, ksum_parts.sum(1) / N
     out = qk.new_empty((B, N, H, d))
     s_q = qk.stride()
-    _jit(_out_kernel)[(cfg["blocks"], B * H)](
+    _out_kernel[(cfg["blocks"], B * H)](
         qk, cos, sin, kv, kmean, out, N, H, eps,
         s_q[0], s_q[1], s_q[3], s_q[4], *out.stride(), *cos.stride()[:2], **consts,
     )
@@ -337,13 +331,13 @@ def backward(
     dkv_parts = qk.new_empty((B * H, chunks, d, d), dtype=torch.float32)
     dkmean_parts = qk.new_empty((B * H, chunks, d), dtype=torch.float32)
     s_q, s_g = qk.stride(), dqk.stride()
-    _jit(_bwd_q_kernel)[(B * H, chunks)](
+    _bwd_q_kernel[(B * H, chunks)](
         qk, cos, sin, kv, kmean, grad_out, dqk, dkv_parts, dkmean_parts, N, H, cfg["tokens_per_program"], eps,
         s_q[0], s_q[1], s_q[3], s_q[4], s_g[0], s_g[1], s_g[3], s_g[4], *grad_out.stride(), *cos.stride()[:2],
         **consts,
     )
     dkv, dkmean = dkv_parts.sum(1) / N, dkmean_parts.sum(1) / N
-    _jit(_bwd_kv_kernel)[(cfg["blocks"], B * H)](
+    _bwd_kv_kernel[(cfg["blocks"], B * H)](
         qk, v, cos, sin, dkv, dkmean, dqk, dv, N, H,
         *qk.stride(), *v.stride(), *dqk.stride(), *dv.stride(), *cos.stride()[:2], **consts,
     )

@@ -3,7 +3,7 @@
 One process-wide setting, :func:`set_attention_backend` (or the context manager
 :func:`attention_backend`), decides; nothing else does. The rule, applied per call:
 
-* ``"torch"`` (the default): the PyTorch form (:func:`mlla.ops.mlla_attention.parallel.mlla_attention_torch`).
+* ``"torch"`` (the default): the PyTorch form (:func:`mlla.ops.mlla_attn.parallel.mlla_attention_torch`).
 * ``"triton"``: the fused kernel wherever it can run: CUDA tensors (any device under
   ``TRITON_INTERPRET=1``, Triton's CPU interpreter, which the tests use), ``qk`` and ``v`` of one
   dtype among float32 / bfloat16 / float16 and float32 RoPE tables. Elsewhere the PyTorch form,
