@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import gc
 import io
 import json
@@ -248,6 +249,7 @@ def build_model(name: str, img_size: tuple[int, int], task: str = "cls", *, fuse
     return model
 
 
+@functools.lru_cache(maxsize=None)
 def _gmacs(name: str, img_size: tuple[int, int], task: str) -> float | None:
     """Forward GMACs per image, counted on the meta device (no memory, no time)."""
     from .profiling import count_gmacs

@@ -21,6 +21,7 @@ The default stays ``"torch"`` until a GPU run of ``benchmarks/gpu_all.sh`` shows
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import warnings
@@ -44,8 +45,9 @@ class _State:
 _state = _State()
 
 
+@functools.cache
 def triton_available() -> bool:
-    """Whether Triton can be imported (monkeypatched by the tests)."""
+    """Whether Triton can be imported (looked up once; monkeypatched by the tests)."""
     return importlib.util.find_spec("triton") is not None
 
 
