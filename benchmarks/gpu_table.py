@@ -178,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--readme", help="write the section between the markers of this file")
     p.add_argument("--check", action="store_true", help="with --readme: only compare; exit 1 if it differs")
     args = p.parse_args(argv)
-    block = render(load(Path(args.results)))
+    data = load(Path(args.results))
+    block = render(data)
+    if args.readme and data["manifest"].get("dry"):
+        raise SystemExit(f"{args.results} holds a dry run (tiny settings on a CPU): not for the README")
     if not args.readme:
         print(block)
         return 0

@@ -43,6 +43,8 @@ def test_plan_measures_the_kernel_first_and_compiles_last(tmp_path):
     assert {s.name for s in dry if s.env.get("TRITON_INTERPRET") == "1"} == {"kernel_tests", "attention_kernel"}
     with pytest.raises(SystemExit, match="add --dry"):
         gpu_all.main(["--device", "cpu"])
+    with pytest.raises(SystemExit, match="pass --output-dir"):
+        gpu_all.main(["--device", "cpu", "--dry"])
     with pytest.raises(SystemExit, match="unknown steps"):
         gpu_all.main(["--plan", "--only", "nope"])
 
@@ -102,3 +104,7 @@ def test_gpu_table_checks_every_target_from_the_files(tmp_path):
     assert table.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
     assert table.main(["--results", str(tmp_path), "--readme", str(readme), "--check"]) == 0
     assert "old" not in readme.read_text() and readme.read_text().endswith(f"{table.END}\nrest\n")
+    (tmp_path / "manifest.json").write_text(json.dumps(dict(manifest, dry=True)))
+    assert "**Dry run (tiny settings on a CPU): these are not GPU figures.**" in table.render(table.load(tmp_path))
+    with pytest.raises(SystemExit, match="holds a dry run"):
+        table.main(["--results", str(tmp_path), "--readme", str(readme)])
