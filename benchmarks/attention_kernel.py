@@ -22,13 +22,12 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from mlla.benchmark import DTYPES, environment
+from mlla.benchmark import DTYPES, _timed, environment
 from mlla.checkpoint import atomic_save
 from mlla.ops import attention_backend, rope_2d_head_tables
 from mlla.ops.mlla_attn import mlla_attention, mlla_attention_torch
@@ -42,20 +41,6 @@ FORMS = ("torch", "torch_compiled", "fused")
 COLUMNS = ["case", "stage", "grid", "tokens", "batch", "heads", "dtype", "pass", "form", "ms", "ms_min", "ms_max",
            "gbytes", "gbs", "pct_peak", "pct_copy", "speedup_vs_torch", "max_rel_err_vs_torch", "rounds", "calls",
            "device", "gpu", "torch"]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], Any], device: torch.device, calls: int) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / calls
 
 
 def nominal_peak_gbs(device: torch.device, override: float | None) -> float | None:

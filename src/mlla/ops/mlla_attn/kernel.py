@@ -35,9 +35,55 @@ import triton.language as tl
 
 __all__ = ["backward", "forward", "interpreted"]
 
+
 def interpreted() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return bool(triton.knobs.runtime.interpret)
+
+
+@triton.jit
+def _features(base, rows, p, m, s_n, s_d, cos_ptr, sin_ptr, t_off, s_tn):
+    """q or k of token ``rows`` at ``base`` as pair halves ``(a, b)``: ``phi(a), phi(b)`` (ELU+1,
+    0 where masked), their RoPE rotation ``(a cos - b sin, a sin + b cos)``, and ``cos, sin``."""
+    xa = tl.load(base + rows * s_n + (2 * p)[None, :] * s_d, mask=m, other=0.0).to(tl.float32)
+    xb = tl.load(base + rows * s_n + (2 * p + 1)[None, :] * s_d, mask=m, other=0.0).to(tl.float32)
+    fa = tl.where(m, tl.exp(tl.minimum(xa, 0.0)) + tl.maximum(xa, 0.0), 0.0)
+    fb = tl.where(m, tl.exp(tl.minimum(xb, 0.0)) + tl.maximum(xb, 0.0), 0.0)
+    cs = tl.load(cos_ptr + t_off + rows * s_tn + p[None, :], mask=m, other=0.0).to(tl.float32)
+    sn = tl.load(sin_ptr + t_off + rows * s_tn + p[None, :], mask=m, other=0.0).to(tl.float32)
+    return fa, fb, fa * cs - fb * sn, fa * sn + fb * cs, cs, sn
+
+
+@triton.jit
+def _store_pairs(base, rows, p, m, s_n, s_d, ga, gb):
+    """Store the pair halves ``ga, gb`` at channels ``2p`` and ``2p + 1`` of token ``rows``."""
+    tl.store(base + rows * s_n + (2 * p)[None, :] * s_d, ga.to(base.dtype.element_ty), mask=m)
+    tl.store(base + rows * s_n + (2 * p + 1)[None, :] * s_d, gb.to(base.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _load_state(kv_ptr, kmean_ptr, index, p, c, HALF: tl.constexpr, DV: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Row halves of ``kv`` (or its gradient) ``(d, d)`` and of the key mean ``(d)`` number ``index``."""
+    mask_p = p < HALF
+    mask = mask_p[:, None] & (c < DV)[None, :]
+    kv = kv_ptr + index.to(tl.int64) * (2 * HALF * DV) + p[:, None] * DV + c[None, :]
+    km = kmean_ptr + index.to(tl.int64) * (2 * HALF) + p
+    kv_a = tl.load(kv, mask=mask, other=0.0).to(DOT_DTYPE)
+    kv_b = tl.load(kv + HALF * DV, mask=mask, other=0.0).to(DOT_DTYPE)
+    return kv_a, kv_b, tl.load(km, mask=mask_p, other=0.0), tl.load(km + HALF, mask=mask_p, other=0.0)
+
+
+@triton.jit
+def _store_state(kv_ptr, kmean_ptr, index, p, c, kv_a, kv_b, km_a, km_b, HALF: tl.constexpr, DV: tl.constexpr):
+    """Store row halves of ``kv`` (or its gradient) and of the key mean (or its gradient) as number ``index``."""
+    mask_p = p < HALF
+    mask = mask_p[:, None] & (c < DV)[None, :]
+    kv = kv_ptr + index.to(tl.int64) * (2 * HALF * DV) + p[:, None] * DV + c[None, :]
+    km = kmean_ptr + index.to(tl.int64) * (2 * HALF) + p
+    tl.store(kv, kv_a, mask=mask)
+    tl.store(kv + HALF * DV, kv_b, mask=mask)
+    tl.store(km, km_a, mask=mask_p)
+    tl.store(km + HALF, km_b, mask=mask_p)
 
 
 @triton.jit
@@ -55,11 +101,8 @@ def _kv_kernel(
     h = bh % H
     p = tl.arange(0, BLOCK_HALF)
     c = tl.arange(0, BLOCK_DV)
-    mask_p = p < HALF
-    mask_c = c < DV
     k_base = qk_ptr + b * s_qb + s_qk + h * s_qh
     v_base = v_ptr + b * s_vb + h * s_vh
-    t_base = h * s_th
     kv_a = tl.zeros((BLOCK_HALF, BLOCK_DV), dtype=tl.float32)
     kv_b = tl.zeros((BLOCK_HALF, BLOCK_DV), dtype=tl.float32)
     sum_a = tl.zeros((BLOCK_HALF,), dtype=tl.float32)
@@ -69,28 +112,15 @@ def _kv_kernel(
         n = start + i + tl.arange(0, BLOCK_N)
         mask_n = n < N
         rows = n.to(tl.int64)[:, None]
-        m = mask_n[:, None] & mask_p[None, :]
-        ka = tl.load(k_base + rows * s_qn + (2 * p)[None, :] * s_qd, mask=m, other=0.0).to(tl.float32)
-        kb = tl.load(k_base + rows * s_qn + (2 * p + 1)[None, :] * s_qd, mask=m, other=0.0).to(tl.float32)
-        fa = tl.where(m, tl.exp(tl.minimum(ka, 0.0)) + tl.maximum(ka, 0.0), 0.0)
-        fb = tl.where(m, tl.exp(tl.minimum(kb, 0.0)) + tl.maximum(kb, 0.0), 0.0)
-        cs = tl.load(cos_ptr + t_base + rows * s_tn + p[None, :], mask=m, other=0.0).to(tl.float32)
-        sn = tl.load(sin_ptr + t_base + rows * s_tn + p[None, :], mask=m, other=0.0).to(tl.float32)
-        ra = (fa * cs - fb * sn).to(DOT_DTYPE)
-        rb = (fa * sn + fb * cs).to(DOT_DTYPE)
-        v = tl.load(v_base + rows * s_vn + c[None, :] * s_vd, mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+        m = mask_n[:, None] & (p < HALF)[None, :]
+        fa, fb, ra, rb, cs, sn = _features(k_base, rows, p, m, s_qn, s_qd, cos_ptr, sin_ptr, h * s_th, s_tn)
+        v = tl.load(v_base + rows * s_vn + c[None, :] * s_vd, mask=mask_n[:, None] & (c < DV)[None, :], other=0.0)
         v = v.to(DOT_DTYPE)
-        kv_a = tl.dot(tl.trans(ra), v, kv_a, input_precision=PRECISION)
-        kv_b = tl.dot(tl.trans(rb), v, kv_b, input_precision=PRECISION)
+        kv_a = tl.dot(tl.trans(ra.to(DOT_DTYPE)), v, kv_a, input_precision=PRECISION)
+        kv_b = tl.dot(tl.trans(rb.to(DOT_DTYPE)), v, kv_b, input_precision=PRECISION)
         sum_a += tl.sum(fa, axis=0)
         sum_b += tl.sum(fb, axis=0)
-    part = (bh * tl.num_programs(1) + chunk).to(tl.int64)
-    kv_out = kv_ptr + part * (2 * HALF * DV) + p[:, None] * DV + c[None, :]
-    mask_kv = mask_p[:, None] & mask_c[None, :]
-    tl.store(kv_out, kv_a, mask=mask_kv)
-    tl.store(kv_out + HALF * DV, kv_b, mask=mask_kv)
-    tl.store(ksum_ptr + part * (2 * HALF) + p, sum_a, mask=mask_p)
-    tl.store(ksum_ptr + part * (2 * HALF) + HALF + p, sum_b, mask=mask_p)
+    _store_state(kv_ptr, ksum_ptr, bh * tl.num_programs(1) + chunk, p, c, kv_a, kv_b, sum_a, sum_b, HALF, DV)
 
 
 @triton.jit
@@ -107,34 +137,17 @@ def _out_kernel(
     h = bh % H
     p = tl.arange(0, BLOCK_HALF)
     c = tl.arange(0, BLOCK_DV)
-    mask_p = p < HALF
-    mask_c = c < DV
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = n < N
     rows = n.to(tl.int64)[:, None]
-    m = mask_n[:, None] & mask_p[None, :]
-    q_base = qk_ptr + b * s_qb + h * s_qh + rows * s_qn
-    qa = tl.load(q_base + (2 * p)[None, :] * s_qd, mask=m, other=0.0).to(tl.float32)
-    qb = tl.load(q_base + (2 * p + 1)[None, :] * s_qd, mask=m, other=0.0).to(tl.float32)
-    fa = tl.where(m, tl.exp(tl.minimum(qa, 0.0)) + tl.maximum(qa, 0.0), 0.0)
-    fb = tl.where(m, tl.exp(tl.minimum(qb, 0.0)) + tl.maximum(qb, 0.0), 0.0)
-    km = kmean_ptr + bh.to(tl.int64) * (2 * HALF) + p
-    km_a = tl.load(km, mask=mask_p, other=0.0)
-    km_b = tl.load(km + HALF, mask=mask_p, other=0.0)
+    m = mask_n[:, None] & (p < HALF)[None, :]
+    fa, fb, ra, rb, cs, sn = _features(qk_ptr + b * s_qb + h * s_qh, rows, p, m, s_qn, s_qd, cos_ptr, sin_ptr, h * s_th, s_tn)
+    kv_a, kv_b, km_a, km_b = _load_state(kv_ptr, kmean_ptr, bh, p, c, HALF, DV, DOT_DTYPE)
     z = 1.0 / (tl.sum(fa * km_a[None, :], axis=1) + tl.sum(fb * km_b[None, :], axis=1) + eps)
-    t = cos_ptr + h * s_th + rows * s_tn + p[None, :]
-    cs = tl.load(t, mask=m, other=0.0).to(tl.float32)
-    sn = tl.load(sin_ptr + h * s_th + rows * s_tn + p[None, :], mask=m, other=0.0).to(tl.float32)
-    ra = (fa * cs - fb * sn).to(DOT_DTYPE)
-    rb = (fa * sn + fb * cs).to(DOT_DTYPE)
-    kv = kv_ptr + bh.to(tl.int64) * (2 * HALF * DV) + p[:, None] * DV + c[None, :]
-    mask_kv = mask_p[:, None] & mask_c[None, :]
-    kv_a = tl.load(kv, mask=mask_kv, other=0.0).to(DOT_DTYPE)
-    kv_b = tl.load(kv + HALF * DV, mask=mask_kv, other=0.0).to(DOT_DTYPE)
-    o = tl.dot(ra, kv_a, input_precision=PRECISION)
-    o = tl.dot(rb, kv_b, o, input_precision=PRECISION) * z[:, None]
+    o = tl.dot(ra.to(DOT_DTYPE), kv_a, input_precision=PRECISION)
+    o = tl.dot(rb.to(DOT_DTYPE), kv_b, o, input_precision=PRECISION) * z[:, None]
     out = out_ptr + b * s_ob + h * s_oh + rows * s_on + c[None, :] * s_od
-    tl.store(out, o.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :])
+    tl.store(out, o.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & (c < DV)[None, :])
 
 
 @triton.jit
@@ -152,15 +165,8 @@ def _bwd_q_kernel(
     h = bh % H
     p = tl.arange(0, BLOCK_HALF)
     c = tl.arange(0, BLOCK_DV)
-    mask_p = p < HALF
-    mask_c = c < DV
-    mask_kv = mask_p[:, None] & mask_c[None, :]
-    kv = kv_ptr + bh.to(tl.int64) * (2 * HALF * DV) + p[:, None] * DV + c[None, :]
-    kv_a = tl.load(kv, mask=mask_kv, other=0.0).to(DOT_DTYPE)
-    kv_b = tl.load(kv + HALF * DV, mask=mask_kv, other=0.0).to(DOT_DTYPE)
-    km = kmean_ptr + bh.to(tl.int64) * (2 * HALF) + p
-    km_a = tl.load(km, mask=mask_p, other=0.0)
-    km_b = tl.load(km + HALF, mask=mask_p, other=0.0)
+    q_base = qk_ptr + b * s_qb + h * s_qh
+    kv_a, kv_b, km_a, km_b = _load_state(kv_ptr, kmean_ptr, bh, p, c, HALF, DV, DOT_DTYPE)
     dkv_a = tl.zeros((BLOCK_HALF, BLOCK_DV), dtype=tl.float32)
     dkv_b = tl.zeros((BLOCK_HALF, BLOCK_DV), dtype=tl.float32)
     dkm_a = tl.zeros((BLOCK_HALF,), dtype=tl.float32)
@@ -170,20 +176,12 @@ def _bwd_q_kernel(
         n = start + i + tl.arange(0, BLOCK_N)
         mask_n = n < N
         rows = n.to(tl.int64)[:, None]
-        m = mask_n[:, None] & mask_p[None, :]
-        q_base = qk_ptr + b * s_qb + h * s_qh + rows * s_qn
-        qa = tl.load(q_base + (2 * p)[None, :] * s_qd, mask=m, other=0.0).to(tl.float32)
-        qb = tl.load(q_base + (2 * p + 1)[None, :] * s_qd, mask=m, other=0.0).to(tl.float32)
-        fa = tl.where(m, tl.exp(tl.minimum(qa, 0.0)) + tl.maximum(qa, 0.0), 0.0)
-        fb = tl.where(m, tl.exp(tl.minimum(qb, 0.0)) + tl.maximum(qb, 0.0), 0.0)
+        m = mask_n[:, None] & (p < HALF)[None, :]
+        fa, fb, ra, rb, cs, sn = _features(q_base, rows, p, m, s_qn, s_qd, cos_ptr, sin_ptr, h * s_th, s_tn)
+        ra, rb = ra.to(DOT_DTYPE), rb.to(DOT_DTYPE)
         z = 1.0 / (tl.sum(fa * km_a[None, :], axis=1) + tl.sum(fb * km_b[None, :], axis=1) + eps)
-        cs = tl.load(cos_ptr + h * s_th + rows * s_tn + p[None, :], mask=m, other=0.0).to(tl.float32)
-        sn = tl.load(sin_ptr + h * s_th + rows * s_tn + p[None, :], mask=m, other=0.0).to(tl.float32)
-        ra = (fa * cs - fb * sn).to(DOT_DTYPE)
-        rb = (fa * sn + fb * cs).to(DOT_DTYPE)
-        mask_o = mask_n[:, None] & mask_c[None, :]
-        do = tl.load(do_ptr + b * s_db + h * s_dh + rows * s_dn + c[None, :] * s_dd, mask=mask_o, other=0.0)
-        do = do.to(tl.float32)
+        do = tl.load(do_ptr + b * s_db + h * s_dh + rows * s_dn + c[None, :] * s_dd,
+                     mask=mask_n[:, None] & (c < DV)[None, :], other=0.0).to(tl.float32)
         u = tl.dot(ra, kv_a, input_precision=PRECISION)
         u = tl.dot(rb, kv_b, u, input_precision=PRECISION)  # (R phi(q)) kv, before the normaliser
         ds = -tl.sum(do * u, axis=1) * z * z  # gradient of the normaliser's denominator
@@ -194,17 +192,11 @@ def _bwd_q_kernel(
         dkm_b += tl.sum(ds[:, None] * fb, axis=0)
         dra = tl.dot(du, tl.trans(kv_a), input_precision=PRECISION)
         drb = tl.dot(du, tl.trans(kv_b), input_precision=PRECISION)
-        dfa = dra * cs + drb * sn + ds[:, None] * km_a[None, :]
+        dfa = dra * cs + drb * sn + ds[:, None] * km_a[None, :]  # transposed rotation, plus the normaliser's part
         dfb = drb * cs - dra * sn + ds[:, None] * km_b[None, :]
-        g_base = dqk_ptr + b * s_gb + h * s_gh + rows * s_gn
-        tl.store(g_base + (2 * p)[None, :] * s_gd, (dfa * tl.minimum(fa, 1.0)).to(dqk_ptr.dtype.element_ty), mask=m)
-        tl.store(g_base + (2 * p + 1)[None, :] * s_gd, (dfb * tl.minimum(fb, 1.0)).to(dqk_ptr.dtype.element_ty), mask=m)
-    part = (bh * tl.num_programs(1) + chunk).to(tl.int64)
-    out = dkv_ptr + part * (2 * HALF * DV) + p[:, None] * DV + c[None, :]
-    tl.store(out, dkv_a, mask=mask_kv)
-    tl.store(out + HALF * DV, dkv_b, mask=mask_kv)
-    tl.store(dkmean_ptr + part * (2 * HALF) + p, dkm_a, mask=mask_p)
-    tl.store(dkmean_ptr + part * (2 * HALF) + HALF + p, dkm_b, mask=mask_p)
+        _store_pairs(dqk_ptr + b * s_gb + h * s_gh, rows, p, m, s_gn, s_gd,
+                     dfa * tl.minimum(fa, 1.0), dfb * tl.minimum(fb, 1.0))  # ELU+1's derivative: min(phi, 1)
+    _store_state(dkv_ptr, dkmean_ptr, bh * tl.num_programs(1) + chunk, p, c, dkv_a, dkv_b, dkm_a, dkm_b, HALF, DV)
 
 
 @triton.jit
@@ -223,40 +215,23 @@ def _bwd_kv_kernel(
     h = bh % H
     p = tl.arange(0, BLOCK_HALF)
     c = tl.arange(0, BLOCK_DV)
-    mask_p = p < HALF
-    mask_c = c < DV
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = n < N
     rows = n.to(tl.int64)[:, None]
-    m = mask_n[:, None] & mask_p[None, :]
-    mask_v = mask_n[:, None] & mask_c[None, :]
-    k_base = qk_ptr + b * s_qb + s_qk + h * s_qh + rows * s_qn
-    ka = tl.load(k_base + (2 * p)[None, :] * s_qd, mask=m, other=0.0).to(tl.float32)
-    kb = tl.load(k_base + (2 * p + 1)[None, :] * s_qd, mask=m, other=0.0).to(tl.float32)
-    fa = tl.where(m, tl.exp(tl.minimum(ka, 0.0)) + tl.maximum(ka, 0.0), 0.0)
-    fb = tl.where(m, tl.exp(tl.minimum(kb, 0.0)) + tl.maximum(kb, 0.0), 0.0)
-    cs = tl.load(cos_ptr + h * s_th + rows * s_tn + p[None, :], mask=m, other=0.0).to(tl.float32)
-    sn = tl.load(sin_ptr + h * s_th + rows * s_tn + p[None, :], mask=m, other=0.0).to(tl.float32)
-    ra = (fa * cs - fb * sn).to(DOT_DTYPE)
-    rb = (fa * sn + fb * cs).to(DOT_DTYPE)
-    v = tl.load(v_ptr + b * s_vb + h * s_vh + rows * s_vn + c[None, :] * s_vd, mask=mask_v, other=0.0)
-    v = v.to(DOT_DTYPE)
-    mask_kv = mask_p[:, None] & mask_c[None, :]
-    g = dkv_ptr + bh.to(tl.int64) * (2 * HALF * DV) + p[:, None] * DV + c[None, :]
-    dkv_a = tl.load(g, mask=mask_kv, other=0.0).to(DOT_DTYPE)
-    dkv_b = tl.load(g + HALF * DV, mask=mask_kv, other=0.0).to(DOT_DTYPE)
-    km = dkmean_ptr + bh.to(tl.int64) * (2 * HALF) + p
-    dkm_a = tl.load(km, mask=mask_p, other=0.0)
-    dkm_b = tl.load(km + HALF, mask=mask_p, other=0.0)
+    m = mask_n[:, None] & (p < HALF)[None, :]
+    mask_v = mask_n[:, None] & (c < DV)[None, :]
+    k_base = qk_ptr + b * s_qb + s_qk + h * s_qh
+    fa, fb, ra, rb, cs, sn = _features(k_base, rows, p, m, s_qn, s_qd, cos_ptr, sin_ptr, h * s_th, s_tn)
+    v = tl.load(v_ptr + b * s_vb + h * s_vh + rows * s_vn + c[None, :] * s_vd, mask=mask_v, other=0.0).to(DOT_DTYPE)
+    dkv_a, dkv_b, dkm_a, dkm_b = _load_state(dkv_ptr, dkmean_ptr, bh, p, c, HALF, DV, DOT_DTYPE)
     dra = tl.dot(v, tl.trans(dkv_a), input_precision=PRECISION)
     drb = tl.dot(v, tl.trans(dkv_b), input_precision=PRECISION)
-    dv = tl.dot(ra, dkv_a, input_precision=PRECISION)
-    dv = tl.dot(rb, dkv_b, dv, input_precision=PRECISION)
+    dv = tl.dot(ra.to(DOT_DTYPE), dkv_a, input_precision=PRECISION)
+    dv = tl.dot(rb.to(DOT_DTYPE), dkv_b, dv, input_precision=PRECISION)
     dfa = dra * cs + drb * sn + dkm_a[None, :]
     dfb = drb * cs - dra * sn + dkm_b[None, :]
-    g_base = dqk_ptr + b * s_gb + s_gk + h * s_gh + rows * s_gn
-    tl.store(g_base + (2 * p)[None, :] * s_gd, (dfa * tl.minimum(fa, 1.0)).to(dqk_ptr.dtype.element_ty), mask=m)
-    tl.store(g_base + (2 * p + 1)[None, :] * s_gd, (dfb * tl.minimum(fb, 1.0)).to(dqk_ptr.dtype.element_ty), mask=m)
+    _store_pairs(dqk_ptr + b * s_gb + s_gk + h * s_gh, rows, p, m, s_gn, s_gd,
+                 dfa * tl.minimum(fa, 1.0), dfb * tl.minimum(fb, 1.0))
     dv_out = dv_ptr + b * s_wb + h * s_wh + rows * s_wn + c[None, :] * s_wd
     tl.store(dv_out, dv.to(dv_ptr.dtype.element_ty), mask=mask_v)
 
