@@ -108,3 +108,42 @@ def test_gpu_table_checks_every_target_from_the_files(tmp_path):
     assert "**Dry run (tiny settings on a CPU): these are not GPU figures.**" in table.render(table.load(tmp_path))
     with pytest.raises(SystemExit, match="holds a dry run"):
         table.main(["--results", str(tmp_path), "--readme", str(readme)])
+
+
+def test_benchmark_spec_attention_variants_and_precision_settings(monkeypatch):
+    import torch
+
+    from mlla.benchmark import BenchmarkSpec, make_step, precision
+
+    spec = BenchmarkSpec(["mlla_tiny", "convnext_tiny"], attention_backends=("torch", "triton"), dtypes=("bf16",))
+    assert [(v.model, v.attention) for v in spec.variants()] == [
+        ("mlla_tiny", "torch"), ("mlla_tiny", "triton"), ("convnext_tiny", "torch")]
+    assert spec.variants()[1].label == "mlla_tiny bf16 triton-attention"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="attention backend 'triton' runs on CUDA"):
+        spec.validate()
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        BenchmarkSpec(["mlla_tiny"], attention_backends=("flash",)).validate()
+    with pytest.raises(ValueError, match="tf32 .* is a CUDA setting"):
+        BenchmarkSpec(["mlla_tiny"], dtypes=("tf32",)).validate()
+    # fp32 means strict float32 on CUDA whatever the global setting; tf32 turns TF32 on; both restore it.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with precision("fp32", torch.device("cuda")):
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        with precision("tf32", torch.device("cuda")):
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    # A step runs under its attention backend, and leaves the process's setting as it was.
+    import mlla.ops
+    from mlla.ops.mlla_attn import backend
+
+    seen = []
+    model = torch.nn.Module()
+    model.forward = lambda x: seen.append(mlla.ops.get_attention_backend()) or x.sum()
+    monkeypatch.setattr(backend, "triton_available", lambda: False)
+    make_step(model, torch.ones(1), "fp32", "infer", attention="auto")()
+    assert seen == ["auto"] and mlla.ops.get_attention_backend() == "torch"
