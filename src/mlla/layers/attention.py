@@ -64,7 +64,7 @@ class MllaLinearAttention(nn.Module):
         :meth:`MllaBlock.forward_fused`): no autograd, in place on fresh tensors
         (:func:`mlla.ops.mlla_attn.add_mlla_attention_`), with the ``qk`` projection's rows
         read with each head's channel pairs de-interleaved. Where the attention backend selects the
-        fused kernel, that kernel (it allocates nothing of its own beyond its output)."""
+        fused kernel (see :mod:`mlla.ops.mlla_attn.backend`), :meth:`forward`, which runs it."""
         B, C, H, W = x.shape
         N, h, d = H * W, self.num_heads, self.head_dim
         tokens = x.permute(0, 2, 3, 1)  # (B, H, W, C), a view
