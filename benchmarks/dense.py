@@ -15,6 +15,10 @@ is warmed up, then timed in rounds ``A B C ...``; medians over the rounds. Peak 
 growth of one call after a warm-up call, in a fresh process per entry (CUDA:
 ``max_memory_allocated``; CPU: the resident set's high-water mark, ``VmHWM``).
 ``summary.md`` gives the ratios the issue asks about, computed from the same rows.
+
+On a GPU (``--device cuda``) MLLA runs its plain block path (BatchNorm still folded: the fused
+in-place path is the CPU's), and ``--attention-backend triton`` runs its attention as the fused
+Triton kernel (:func:`mlla.ops.set_attention_backend`).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from torch import nn
 import mlla  # noqa: F401  (registers the models)
 from mlla.benchmark import call_peak_memory_mib, environment, parse_size, time_interleaved
 from mlla.checkpoint import atomic_save
+from mlla.ops import get_attention_backend, set_attention_backend
 
 MLLA, SWIN, CONVNEXT = "mlla_tiny", "swin_tiny_patch4_window7_224", "convnext_tiny"
 #: timm arguments for backbones that need them to take any input size and return NCHW maps.
@@ -87,6 +92,10 @@ def _prepare(part: str, backbone: str, size: tuple[int, int], device: torch.devi
     build, adapt = PARTS[part]
     torch.manual_seed(0)
     model = build(backbone, size).to(device).eval()
+    if device.type != "cpu":  # the fused in-place block path is the CPU's
+        for m in model.modules():
+            if hasattr(m, "set_fused_inference"):
+                m.set_fused_inference(False)
     x = adapt(torch.rand(1, 3, *size, device=device))
 
     def call() -> Any:
@@ -106,7 +115,8 @@ def peak_memory(part: str, backbone: str, size: tuple[int, int], device: str, th
     if device == "cpu" and not Path("/proc/self/clear_refs").exists():
         return None
     payload = json.dumps(dict(part=part, backbone=backbone, size=list(size), device=device, threads=threads))
-    proc = subprocess.run([sys.executable, __file__, "--memory-probe", payload], capture_output=True, text=True, check=False)
+    proc = subprocess.run([sys.executable, __file__, "--memory-probe", payload, "--attention-backend", get_attention_backend()],
+                          capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe {part} {backbone} {size} failed:\n{proc.stderr[-2000:]}")
     return float(proc.stdout.strip().splitlines()[-1])
@@ -229,6 +239,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--attention-backend", default="torch", choices=["torch", "triton", "auto"],
+                   help="MLLA's attention: PyTorch form or the fused Triton kernel (CUDA) (default: torch)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
     p.add_argument("--output-dir", default=str(Path(__file__).parent / "results" / "dense"))
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
@@ -237,6 +249,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    set_attention_backend(args.attention_backend)
     if args.memory_probe:
         spec = json.loads(args.memory_probe)
         torch.set_num_threads(spec.pop("threads"))

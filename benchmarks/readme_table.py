@@ -83,13 +83,13 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def replace_block(text: str, block: str) -> str:
+def replace_block(text: str, block: str, begin: str = BEGIN, end: str = END) -> str:
     """``text`` with the part between the markers replaced by ``block``."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1:
-        raise ValueError(f"README must contain the markers {BEGIN!r} and {END!r} once each")
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    return f"{head}{BEGIN}\n{block}\n{END}{tail}"
+    if text.count(begin) != 1 or text.count(end) != 1:
+        raise ValueError(f"README must contain the markers {begin!r} and {end!r} once each")
+    head, rest = text.split(begin)
+    _, tail = rest.split(end)
+    return f"{head}{begin}\n{block}\n{end}{tail}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# Triton kernels run in Triton's CPU interpreter where there is no CUDA device; it must be chosen
+# before Triton is first imported (importing torch does not import it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REFERENCE_DIR = Path(os.environ.get("MLLA_REFERENCE_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "reference"))
 
 

@@ -13,6 +13,11 @@ growth of the resident set's high-water mark (Linux ``VmHWM``, reset through
 model so that no other model's freed memory hides it (and with the default allocator, whatever the
 timing runs use).
 
+Precision: ``fp32`` is strict float32 on CUDA (TF32 off for matmuls and cuDNN), ``tf32`` the same
+with TF32 on (CUDA only), ``bf16``/``fp16`` autocast. ``attention_backends`` adds a variant of
+each MLLA model per :func:`mlla.ops.set_attention_backend` setting (``"triton"``: the fused
+attention kernel); other models run once.
+
 ``allocator="retain"`` times CPU runs with :func:`mlla.runtime.retain_freed_memory` applied to the
 whole process (all models alike), as a server tuned for inference would run; it is recorded in
 every row.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import gc
 import io
 import json
@@ -60,7 +66,7 @@ __all__ = [
     "write_results",
 ]
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TASKS = ("cls", "features")
 MODES = ("infer", "train")
 #: "default": the C library's allocator as configured; "retain": :func:`mlla.runtime.retain_freed_memory`.
@@ -93,10 +99,12 @@ class Variant:
     model: str
     dtype: str = "fp32"
     compiled: bool = False
+    attention: str = "torch"  # mlla.ops attention backend (MLLA models)
 
     @property
     def label(self) -> str:
-        return f"{self.model} {self.dtype}{' compiled' if self.compiled else ''}"
+        attention = f" {self.attention}-attention" if self.attention != "torch" else ""
+        return f"{self.model} {self.dtype}{' compiled' if self.compiled else ''}{attention}"
 
 
 @dataclass
@@ -119,6 +127,7 @@ class BenchmarkSpec:
     fuse: bool = True
     matmul_size: int = 2048
     allocator: str = "default"
+    attention_backends: Sequence[str] = ("torch",)
 
     def validate(self) -> None:
         if not self.models:
@@ -141,6 +150,9 @@ class BenchmarkSpec:
             raise ValueError("rounds, warmup and batch sizes must be at least 1")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        if "tf32" in self.dtypes and not self.device.startswith("cuda"):
+            raise ValueError("dtype tf32 (TF32 matmuls and convolutions) is a CUDA setting; use fp32 on the CPU")
+        _check_attention_backends(self.attention_backends, self.device)
         import timm
 
         for name in self.models:
@@ -148,7 +160,45 @@ class BenchmarkSpec:
                 raise ValueError(f"unknown model {name!r}; see `mlla models` or timm.list_models()")
 
     def variants(self) -> list[Variant]:
-        return [Variant(m, d, b == "compile") for m in self.models for d in self.dtypes for b in self.backends]
+        return [
+            Variant(m, d, b == "compile", a) for m in self.models for d in self.dtypes for b in self.backends
+            for a in (self.attention_backends if _uses_mlla_attention(m) else ("torch",))
+        ]
+
+
+def _uses_mlla_attention(name: str) -> bool:
+    """Whether the timm model ``name`` is one of MLLA's (its attention follows the backend switch)."""
+    import timm
+
+    return name in timm.list_models(module="mlla")
+
+
+def _check_attention_backends(names: Sequence[str], device: str) -> None:
+    """Refuse attention backends that cannot run: unknown names, or the kernel without CUDA (or
+    without Triton's CPU interpreter, ``TRITON_INTERPRET=1``)."""
+    from .ops.mlla_attn import BACKENDS
+
+    for name in names:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if "triton" in names and not (device.startswith("cuda") or interpreted):
+        raise ValueError("attention backend 'triton' runs on CUDA (--device cuda), or on the CPU only under "
+                         "TRITON_INTERPRET=1 (Triton's interpreter, for checks, not speed)")
+
+
+@contextlib.contextmanager
+def precision(dtype: str, device: torch.device):
+    """On CUDA, TF32 on for ``tf32`` and off for every other dtype (matmuls and cuDNN), restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def environment(device: str = "cpu") -> dict[str, Any]:
@@ -204,6 +254,7 @@ def build_model(name: str, img_size: tuple[int, int], task: str = "cls", *, fuse
     return model
 
 
+@functools.lru_cache(maxsize=None)
 def _gmacs(name: str, img_size: tuple[int, int], task: str) -> float | None:
     """Forward GMACs per image, counted on the meta device (no memory, no time)."""
     from .profiling import count_gmacs
@@ -221,23 +272,27 @@ def _reduce(out: Any) -> torch.Tensor:
     return sum(o.float().mean() for o in outs)
 
 
-def make_step(model: nn.Module, x: torch.Tensor, dtype: str, mode: str) -> Callable[[], None]:
-    """One inference call, or one training step (forward, backward) for ``mode='train'``."""
+def make_step(model: nn.Module, x: torch.Tensor, dtype: str, mode: str, attention: str = "torch") -> Callable[[], None]:
+    """One inference call, or one training step (forward, backward) for ``mode='train'``, in
+    ``dtype``'s :func:`precision` and with MLLA's attention backend ``attention``."""
+    from .ops import attention_backend
+
     device_type = x.device.type
     autocast = (
-        torch.autocast(device_type, dtype=DTYPES[dtype]) if dtype != "fp32" else contextlib.nullcontext()
+        torch.autocast(device_type, dtype=DTYPES[dtype]) if DTYPES[dtype] != torch.float32 else contextlib.nullcontext()
     )
 
     if mode == "train":
         def step() -> None:
-            with autocast:
-                loss = _reduce(model(x))
-            loss.backward()
+            with precision(dtype, x.device), attention_backend(attention):
+                with autocast:
+                    loss = _reduce(model(x))
+                loss.backward()
             for p in model.parameters():
                 p.grad = None
     else:
         def step() -> None:
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), autocast, precision(dtype, x.device), attention_backend(attention):
                 model(x)
     return step
 
@@ -288,14 +343,19 @@ def time_interleaved(
 def _matmul_step(n: int, dtype: str, device: torch.device) -> Callable[[], None]:
     a = torch.randn(n, n, device=device).to(DTYPES[dtype])
     b = torch.randn(n, n, device=device).to(DTYPES[dtype])
-    return lambda: torch.mm(a, b)
+
+    def step() -> None:
+        with precision(dtype, device):
+            torch.mm(a, b)
+    return step
 
 
 def _prepare(variant: Variant, spec: BenchmarkSpec, size: tuple[int, int], batch: int, device: torch.device):
     model = build_model(variant.model, size, spec.task, fuse=spec.fuse and spec.mode == "infer")
     target = unwrap_features_only(model)
-    if variant.dtype != "fp32" and hasattr(target, "set_fused_inference"):
-        target.set_fused_inference(False)  # the fused eager path refuses autocast: the plain path
+    if (DTYPES[variant.dtype] != torch.float32 or device.type != "cpu") and hasattr(target, "set_fused_inference"):
+        # The fused eager path refuses autocast, and it is the CPU's (in place, in token chunks): the plain path.
+        target.set_fused_inference(False)
     model = model.to(device).train(spec.mode == "train")
     x = torch.randn(batch, 3, *size, device=device)
     if variant.compiled:
@@ -323,7 +383,7 @@ def run_benchmark(spec: BenchmarkSpec, progress: bool = True) -> list[dict[str, 
         desc = f"{spec.task} {spec.mode} {size[0]}x{size[1]} batch {batch}"
         for variant in tqdm(variants, desc=f"warm-up {desc}", disable=not progress, leave=False):
             model, x = _prepare(variant, spec, size, batch, device)
-            steps[variant.label] = make_step(model, x, variant.dtype, spec.mode)
+            steps[variant.label] = make_step(model, x, variant.dtype, spec.mode, variant.attention)
         times, calls = time_interleaved(steps, device, rounds=spec.rounds, warmup=spec.warmup, min_round_s=spec.min_round_s,
                                         progress=progress, desc=f"rounds {desc}")
         peaks = {dt: 2 * spec.matmul_size**3 / statistics.median(times[f"matmul {dt}"]) / 1e9 for dt in spec.dtypes}
@@ -339,6 +399,7 @@ def run_benchmark(spec: BenchmarkSpec, progress: bool = True) -> list[dict[str, 
                 mode=spec.mode,
                 dtype=variant.dtype,
                 backend="compile" if variant.compiled else "eager",
+                attention=variant.attention,
                 height=size[0],
                 width=size[1],
                 batch=batch,
@@ -365,12 +426,12 @@ def run_benchmark(spec: BenchmarkSpec, progress: bool = True) -> list[dict[str, 
 
 
 def _peak_memory_here(model_name: str, size: tuple[int, int], batch: int, dtype: str, compiled: bool,
-                      task: str, mode: str, device: str, fuse: bool) -> float:
+                      task: str, mode: str, device: str, fuse: bool, attention: str = "torch") -> float:
     """Extra memory (MiB) of one call, measured in this process (see the module docstring)."""
     spec = BenchmarkSpec([model_name], task=task, mode=mode, device=device, fuse=fuse)
     dev = torch.device(device)
-    model, x = _prepare(Variant(model_name, dtype, compiled), spec, size, batch, dev)
-    return call_peak_memory_mib(make_step(model, x, dtype, mode), dev)
+    model, x = _prepare(Variant(model_name, dtype, compiled, attention), spec, size, batch, dev)
+    return call_peak_memory_mib(make_step(model, x, dtype, mode, attention), dev)
 
 
 def call_peak_memory_mib(call: Callable[[], Any], device: torch.device) -> float:
@@ -407,8 +468,12 @@ def measure_peak_memory(row: dict[str, Any], spec: BenchmarkSpec) -> float | Non
     args = dict(
         model_name=row["model"], size=[row["height"], row["width"]], batch=row["batch"], dtype=row["dtype"],
         compiled=row["backend"] == "compile", task=row["task"], mode=row["mode"], device=spec.device,
-        fuse=spec.fuse and spec.mode == "infer", threads=torch.get_num_threads(),
+        fuse=spec.fuse and spec.mode == "infer", attention=row.get("attention", "torch"),
     )
+    if spec.device.startswith("cuda"):  # the allocator's own peak: exact in this process, and no CUDA start-up per row
+        args["size"] = tuple(args["size"])
+        return _peak_memory_here(**args)
+    args["threads"] = torch.get_num_threads()
     proc = subprocess.run(
         [sys.executable, "-m", "mlla.benchmark", "--memory-probe", json.dumps(args)],
         capture_output=True, text=True, check=False,
@@ -428,7 +493,7 @@ def _memory_probe_main(payload: str) -> None:
 
 
 COLUMNS = [
-    "model", "task", "mode", "dtype", "backend", "height", "width", "batch", "img_per_s", "ms_per_batch",
+    "model", "task", "mode", "dtype", "backend", "attention", "height", "width", "batch", "img_per_s", "ms_per_batch",
     "ms_min", "ms_max", "gmacs_per_img", "achieved_gflops", "matmul_peak_gflops", "pct_of_peak", "peak_mem_mib",
     "rounds", "calls_per_round", "threads", "allocator", "device", "cpu", "machine", "torch", "timm", "mlla",
 ]
@@ -445,11 +510,17 @@ def format_table(rows: Iterable[dict[str, Any]]) -> str:
 
     for r in rows:
         lines.append("| " + " | ".join([
-            r["model"], r["task"], r["mode"], r["dtype"], r["backend"], f"{r['height']}x{r['width']}",
+            _model_label(r), r["task"], r["mode"], r["dtype"], r["backend"], f"{r['height']}x{r['width']}",
             str(r["batch"]), f(r["img_per_s"], ".2f"), f(r["ms_per_batch"], ".1f"), f(r["achieved_gflops"], ".0f"),
             f(r["pct_of_peak"], ".0f"), f(r["peak_mem_mib"], ".0f"),
         ]) + " |")
     return "\n".join(lines)
+
+
+def _model_label(row: dict[str, Any]) -> str:
+    """The model's name, with its attention backend where it is not the default."""
+    attention = row.get("attention", "torch")
+    return row["model"] if attention in ("torch", "", None) else f"{row['model']} ({attention} attention)"
 
 
 def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
@@ -464,7 +535,7 @@ def plot_results(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Pat
     fig, ax = plt.subplots(figsize=(9, 4.8))
     lines: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        lines.setdefault((r["model"], r["dtype"], r["backend"], r["task"], r["mode"], r["batch"]), []).append(r)
+        lines.setdefault((_model_label(r), r["dtype"], r["backend"], r["task"], r["mode"], r["batch"]), []).append(r)
     # One colour per model, line style per backend, marker per task: variants of a model read together.
     colours = {m: f"C{i % 10}" for i, m in enumerate(sorted({k[0] for k in lines}))}
     for key, rs in sorted(lines.items()):

@@ -18,8 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="timm model names (default: %(default)s)")
     p.add_argument("--sizes", nargs="+", default=["224"], help="image sizes, N or HxW (default: 224)")
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[32], help="batch sizes; 1 gives latency (default: 32)")
-    p.add_argument("--dtypes", nargs="+", default=["fp32"], help="fp32, bf16, fp16 (autocast) (default: fp32)")
+    p.add_argument("--dtypes", nargs="+", default=["fp32"],
+                   help="fp32 (on CUDA: TF32 off), tf32 (CUDA: fp32 with TF32 on), bf16, fp16 (autocast) (default: fp32)")
     p.add_argument("--backends", nargs="+", default=["eager"], help="eager and/or compile (torch.compile)")
+    p.add_argument("--attention-backends", nargs="+", default=["torch"], choices=["torch", "triton", "auto"],
+                   help="MLLA models: one variant per attention backend (mlla.ops.set_attention_backend; "
+                        "'triton' is the fused kernel, CUDA only) (default: torch)")
     p.add_argument("--task", default="cls", choices=["cls", "features"], help="classifier or features_only backbone")
     p.add_argument("--mode", default="infer", choices=["infer", "train"], help="inference, or training step (forward + backward)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up calls per variant (default: 2)")
@@ -57,6 +61,7 @@ def spec_from_args(args: argparse.Namespace):
         memory=args.memory,
         fuse=not args.no_fuse,
         allocator=args.allocator,
+        attention_backends=args.attention_backends,
     )
 
 

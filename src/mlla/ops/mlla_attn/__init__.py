@@ -1,0 +1,45 @@
+"""MLLA's attention as one operator (SPEC section 3), in three forms that compute the same:
+
+* :func:`~.naive.mlla_attention_naive`: the formula step by step, the readable reference;
+* :func:`~.parallel.mlla_attention_torch`: the PyTorch form the model runs by default (and
+  :func:`~.parallel.add_mlla_attention_`, its in-place inference variant);
+* :func:`~.fused.fused_mlla_attention`: one fused Triton kernel (forward and backward), chosen
+  by :func:`set_attention_backend` (see :mod:`.backend` for the rule; off by default).
+"""
+from __future__ import annotations
+
+import torch
+
+from .backend import BACKENDS, _state, attention_backend, get_attention_backend, set_attention_backend, uses_kernel
+from .naive import mlla_attention_naive
+from .parallel import add_mlla_attention_, mlla_attention_torch
+
+__all__ = [
+    "BACKENDS", "add_mlla_attention_", "attention_backend", "get_attention_backend", "mlla_attention",
+    "mlla_attention_naive", "mlla_attention_torch", "set_attention_backend", "uses_kernel",
+]
+
+
+def mlla_attention(
+    qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6
+) -> torch.Tensor:
+    """MLLA's linear attention over all ``N`` tokens, per head (no LePE)::
+
+        q, k  = ELU(q) + 1, ELU(k) + 1
+        out_n = R_n q_n (sum_m (R_m k_m)^T v_m / N) / (q_n . mean_m k_m + eps)
+
+    with ``R_n`` the 2-d RoPE rotation of token ``n``'s channel pairs.
+
+    Args:
+        qk: ``(B, N, 2, h, d)``: the q and k projections stacked as one linear layer writes them
+            (``Linear(C, 2C)`` viewed), each head's channel pairs interleaved (the authors' order).
+        v: ``(B, N, h, d)``.
+        cos, sin: ``(h, N, d/2)`` from :func:`mlla.ops.rope_2d_head_tables`.
+        eps: normaliser epsilon.
+
+    Returns:
+        ``(B, N, h, d)`` in the dtype of the computation (that of ``qk`` and ``v``).
+    """
+    if _state.backend != "torch" and uses_kernel(qk, v, cos):
+        return _state.fused(qk, v, cos.contiguous(), sin.contiguous(), eps)
+    return mlla_attention_torch(qk, v, cos, sin, eps)

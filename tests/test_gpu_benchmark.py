@@ -1,0 +1,149 @@
+"""The prepared GPU run (benchmarks/gpu_all.py) and its README table (benchmarks/gpu_table.py),
+checked on a CPU: the plan, the budget and failure handling, and the targets computed from result files."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlla.benchmark import write_results
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _module(name: str):
+    sys.path.insert(0, str(BENCHMARKS))  # gpu_table imports readme_table
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_plan_measures_the_kernel_first_and_compiles_last(tmp_path):
+    gpu_all = _module("gpu_all")
+    steps = gpu_all.plan("cuda", False, tmp_path)
+    names = [s.name for s in steps]
+    assert names[:2] == ["kernel_tests", "attention_kernel"] and names[-2:] == ["train_224_compiled", "infer_224_compiled"]
+    for s in steps:
+        if "benchmark" in s.argv:
+            assert s.argv[s.argv.index("--attention-backends") + 1:][:2] == ["torch", "triton"]
+            assert s.argv[s.argv.index("--device") + 1] == "cuda" and str(tmp_path / s.name) in s.argv
+    train = next(s for s in steps if s.name == "train_224").argv
+    assert "128" in train and {"bf16", "fp32", "tf32"} <= set(train) and "mambaout_tiny" in train
+    assert sum(s.timeout_s for s in steps if "compiled" not in s.name) < 1400
+    dry = gpu_all.plan("cpu", True, tmp_path)
+    assert not any("compiled" in s.name for s in dry) and all("triton" not in s.argv for s in dry)
+    assert {s.name for s in dry if s.env.get("TRITON_INTERPRET") == "1"} == {"kernel_tests", "attention_kernel"}
+    with pytest.raises(SystemExit, match="add --dry"):
+        gpu_all.main(["--device", "cpu"])
+    with pytest.raises(SystemExit, match="pass --output-dir"):
+        gpu_all.main(["--device", "cpu", "--dry"])
+    with pytest.raises(SystemExit, match="unknown steps"):
+        gpu_all.main(["--plan", "--only", "nope"])
+
+
+def test_run_records_every_step_and_keeps_to_the_budget(tmp_path, monkeypatch):
+    gpu_all = _module("gpu_all")
+    monkeypatch.setattr(gpu_all, "_machine", lambda device: dict(device=device))
+    py = sys.executable
+    steps = [
+        gpu_all.Step("ok", [py, "-c", "print('hello')"], 30),
+        gpu_all.Step("fails", [py, "-c", "raise SystemExit(3)"], 30),
+        gpu_all.Step("slow", [py, "-c", "import time; time.sleep(30)"], 1),
+    ]
+    manifest = gpu_all.run(steps, tmp_path, budget_s=100, device="cpu", dry=True)
+    status = {s["name"]: s["status"] for s in manifest["steps"]}
+    assert status == {"ok": "ok", "fails": "failed (exit 3)", "slow": "timed out after 1 s"}
+    assert (tmp_path / "logs" / "ok.log").read_text().strip() == "hello"
+    assert json.loads((tmp_path / "manifest.json").read_text())["steps"] == manifest["steps"]
+    manifest = gpu_all.run(steps[:1], tmp_path, budget_s=10, device="cpu", dry=True)  # 10 s left < 30 s needed
+    assert manifest["steps"][0]["status"] == "skipped: out of time"
+
+
+def _bench_row(model, img_per_s, peak=None, attention="torch", dtype="bf16", batch=128, height=224, mode="train", task="cls"):
+    return dict(model=model, task=task, mode=mode, dtype=dtype, backend="eager", attention=attention, height=height,
+                width=height, batch=batch, img_per_s=img_per_s, ms_per_batch=1e3 * batch / img_per_s, peak_mem_mib=peak,
+                achieved_gflops=None, pct_of_peak=None)
+
+
+def test_gpu_table_checks_every_target_from_the_files(tmp_path):
+    table = _module("gpu_table")
+    swin, convnext = "swin_tiny_patch4_window7_224", "convnext_tiny"
+    manifest = dict(machine=dict(gpu="Test GPU", torch="2.x", triton="3.x"), started="today", dry=False,
+                    steps=[dict(name="train_224", status="ok"), dict(name="dense_upernet", status="timed out after 150 s")])
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    write_results([_bench_row("mlla_tiny", 1000, 900), _bench_row("mlla_tiny", 1500, 800, attention="triton"),
+                   _bench_row(swin, 1200, 1000)], tmp_path / "train_224", plot=False)
+    write_results([_bench_row("mlla_tiny", 90, 500, attention="triton", batch=1, height=h, mode="infer", task="features")
+                   for h in (1024,)] + [_bench_row("mlla_tiny", 20, 2000, attention="triton", batch=1, height=2048, mode="infer",
+                                                   task="features"),
+                                        _bench_row(convnext, 10, 1500, batch=1, height=2048, mode="infer", task="features")],
+                  tmp_path / "backbone_hires", plot=False)
+    text = table.render(table.load(tmp_path))
+    assert "Test GPU" in text and "dense_upernet (timed out after 150 s)" in text
+    rows = {t: (ratio, met) for t, _, ratio, met in table.targets(table.load(tmp_path))}
+    assert rows["MLLA-T train step (bf16, batch 128, 224) >= 1.3x our PyTorch path"] == (1.5, True)
+    assert rows["MLLA-T train step ahead of Swin-T"] == (1.25, True)
+    assert rows["MLLA-T peak training memory (batch 128) <= Swin-T's"] == (0.8, True)
+    assert rows["2048^2 backbone (bf16, batch 1) ahead of ConvNeXt-T"] == (2.0, True)
+    assert rows["2048^2 backbone peak memory below ConvNeXt-T's"][1] is False  # 2000 MiB vs 1500: a miss, kept with its ratio
+    assert rows["MLLA-T backbone time 2048^2 / 1024^2 <= 4.2"] == (4.5, False)
+    assert rows["2048^2 backbone (bf16, batch 1) ahead of Swin-T"] == (None, None)  # not measured: said so
+    assert "| 2048^2 backbone peak memory below ConvNeXt-T's | MLLA-T / ConvNeXt-T MiB | 1.33 | **no** |" in text
+    assert "Targets MLLA-T misses: 2048^2 backbone peak memory below ConvNeXt-T's; MLLA-T backbone time" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{table.BEGIN}\nold\n{table.END}\nrest\n")
+    assert table.main(["--results", str(tmp_path), "--readme", str(readme), "--check"]) == 1
+    assert table.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
+    assert table.main(["--results", str(tmp_path), "--readme", str(readme), "--check"]) == 0
+    assert "old" not in readme.read_text() and readme.read_text().endswith(f"{table.END}\nrest\n")
+    (tmp_path / "manifest.json").write_text(json.dumps(dict(manifest, dry=True)))
+    assert "**Dry run (tiny settings on a CPU): these are not GPU figures.**" in table.render(table.load(tmp_path))
+    with pytest.raises(SystemExit, match="holds a dry run"):
+        table.main(["--results", str(tmp_path), "--readme", str(readme)])
+
+
+def test_benchmark_spec_attention_variants_and_precision_settings(monkeypatch):
+    import torch
+
+    from mlla.benchmark import BenchmarkSpec, make_step, precision
+
+    spec = BenchmarkSpec(["mlla_tiny", "convnext_tiny"], attention_backends=("torch", "triton"), dtypes=("bf16",))
+    assert [(v.model, v.attention) for v in spec.variants()] == [
+        ("mlla_tiny", "torch"), ("mlla_tiny", "triton"), ("convnext_tiny", "torch")]
+    assert spec.variants()[1].label == "mlla_tiny bf16 triton-attention"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="attention backend 'triton' runs on CUDA"):
+        spec.validate()
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        BenchmarkSpec(["mlla_tiny"], attention_backends=("flash",)).validate()
+    with pytest.raises(ValueError, match="tf32 .* is a CUDA setting"):
+        BenchmarkSpec(["mlla_tiny"], dtypes=("tf32",)).validate()
+    # fp32 means strict float32 on CUDA whatever the global setting; tf32 turns TF32 on; both restore it.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with precision("fp32", torch.device("cuda")):
+            assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        with precision("tf32", torch.device("cuda")):
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    # A step runs under its attention backend, and leaves the process's setting as it was.
+    import mlla.ops
+    from mlla.ops.mlla_attn import backend
+
+    seen = []
+    model = torch.nn.Module()
+    model.forward = lambda x: seen.append(mlla.ops.get_attention_backend()) or x.sum()
+    monkeypatch.setattr(backend, "triton_available", lambda: False)
+    make_step(model, torch.ones(1), "fp32", "infer", attention="auto")()
+    assert seen == ["auto"] and mlla.ops.get_attention_backend() == "torch"

@@ -1,0 +1,190 @@
+"""MLLA's attention operator: its three forms agree, and the fused Triton kernel equals the PyTorch
+form in values and gradients; the backend switch falls back where Triton or CUDA is missing.
+
+Without a CUDA device the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set by
+conftest.py); with one, the same tests run it on the GPU.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import timm
+import torch
+
+import mlla  # noqa: F401  (registers the models)
+import mlla.ops.mlla_attn.backend as backend
+from mlla.ops import attention_backend, get_attention_backend, mlla_attention, rope_2d_head_tables, set_attention_backend
+from mlla.ops.mlla_attn import add_mlla_attention_, mlla_attention_naive, mlla_attention_torch, uses_kernel
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+# Head counts of MLLA-T/S (C=64: 2-4-8-16) and MLLA-B (C=96: 3-6-12-24), all of head dim 32, each on an odd grid.
+HEADS_AND_GRIDS = [(2, (7, 9)), (4, (1, 1)), (8, (13, 5)), (16, (7, 9)), (3, (13, 5)), (6, (7, 9)), (12, (1, 1)), (24, (5, 3))]
+
+
+def _inputs(heads: int, grid: tuple[int, int], batch: int = 1, head_dim: int = 32, dtype=torch.float32, seed: int = 0,
+            device: str = "cpu"):
+    g = torch.Generator().manual_seed(seed)
+    N = grid[0] * grid[1]
+    qk = torch.randn(batch, N, 2, heads, head_dim, generator=g).to(device, dtype)
+    v = torch.randn(batch, N, heads, head_dim, generator=g).to(device, dtype)
+    cos, sin = rope_2d_head_tables(*grid, heads * head_dim, heads, device=device)
+    return qk, v, cos, sin
+
+
+def _rel_err(x: torch.Tensor, ref: torch.Tensor, scale: float | None = None) -> float:
+    """Largest error relative to the largest reference value (or to ``scale``)."""
+    return ((x.double() - ref).abs().max() / (ref.abs().max() if scale is None else scale)).item()
+
+
+@pytest.fixture
+def device():
+    """Where the kernel runs (CPU under Triton's interpreter, else CUDA), with the 'triton' backend on."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        where = "cpu"
+    elif torch.cuda.is_available():
+        where = "cuda"
+    else:
+        pytest.skip("the kernel needs a CUDA device or TRITON_INTERPRET=1 set before Triton is imported")
+    with attention_backend("triton"):
+        yield where
+
+
+def test_pytorch_forms_equal_the_naive_reference_in_float64():
+    qk, v, cos, sin = (t.double() for t in _inputs(3, (5, 7), batch=2))
+    ref = mlla_attention_naive(qk, v, cos, sin)
+    assert torch.allclose(mlla_attention_torch(qk, v, cos, sin), ref, rtol=1e-12, atol=1e-12)
+    # The in-place inference form takes q, k with each head's pairs de-interleaved and adds into its output.
+    deinterleaved = torch.cat([qk[..., 0::2], qk[..., 1::2]], dim=-1)
+    out = torch.ones_like(ref)
+    add_mlla_attention_(out, deinterleaved.clone(), v, cos, sin)
+    assert torch.allclose(out, ref + 1, rtol=1e-12, atol=1e-12)
+    assert get_attention_backend() == "torch"  # the default
+    assert torch.equal(mlla_attention(qk, v, cos, sin), mlla_attention_torch(qk, v, cos, sin))
+
+
+@needs_triton
+@pytest.mark.parametrize("heads, grid", HEADS_AND_GRIDS)
+def test_kernel_equals_pytorch_form_fp32_and_within_its_bf16_error(device, heads, grid):
+    qk, v, cos, sin = _inputs(heads, grid, device=device)
+    assert uses_kernel(qk, v, cos)
+    ref64 = mlla_attention_naive(qk.double(), v.double(), cos.double(), sin.double())
+    out = mlla_attention(qk, v, cos, sin)
+    assert out.dtype == torch.float32 and out.shape == ref64.shape
+    assert _rel_err(out, mlla_attention_torch(qk, v, cos, sin).double()) <= 1e-5
+    # bfloat16 inputs (as under autocast): within twice the PyTorch form's own bfloat16 error, or two
+    # bfloat16 rounding units (a 1x1 grid's output is v itself, rounded once by the form, twice by the kernel).
+    qk16, v16 = qk.bfloat16(), v.bfloat16()
+    ref64 = mlla_attention_naive(qk16.double(), v16.double(), cos.double(), sin.double())
+    out16 = mlla_attention(qk16, v16, cos, sin)
+    assert out16.dtype == torch.bfloat16
+    assert _rel_err(out16, ref64) <= max(2 * _rel_err(mlla_attention_torch(qk16, v16, cos, sin), ref64), 2 ** -7)
+
+
+@needs_triton
+@pytest.mark.parametrize("heads, grid, head_dim, dtype", [
+    (2, (7, 9), 32, torch.float32), (3, (1, 1), 32, torch.float32), (4, (13, 5), 32, torch.float32),
+    (1, (6, 5), 16, torch.float32),  # head dim 16 (test_mlla's first stages): blocks padded
+    (2, (7, 9), 32, torch.float16),
+])
+def test_kernel_gradients_match_float64(device, heads, grid, head_dim, dtype):
+    qk, v, cos, sin = _inputs(heads, grid, batch=2, head_dim=head_dim, dtype=dtype, device=device)
+    grad_out = torch.randn(qk.shape[0], qk.shape[1], heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device)
+    qk64, v64 = qk.double().requires_grad_(), v.double().requires_grad_()
+    ref = torch.autograd.grad(mlla_attention_naive(qk64, v64, cos.double(), sin.double()), (qk64, v64), grad_out.double())
+
+    def grads(fn):
+        qk_, v_ = qk.clone().requires_grad_(), v.clone().requires_grad_()
+        return torch.autograd.grad(fn(qk_, v_, cos, sin), (qk_, v_), grad_out.to(dtype))
+
+    kernel = grads(mlla_attention)
+    with attention_backend("torch"):
+        pytorch = grads(mlla_attention)
+    # Errors relative to the largest gradient of either input (on a 1x1 grid the output depends on q
+    # only through eps: dq is about 1e-9 and pure rounding, dv about 1).
+    scale = max(g.abs().max().item() for g in ref)
+    for name, got, own, want in zip(("qk", "v"), kernel, pytorch, ref):
+        assert got.dtype == dtype and got.shape == want.shape
+        bound = max(2 * _rel_err(own, want, scale), 1e-5 if dtype == torch.float32 else 2e-3)
+        assert _rel_err(got, want, scale) <= bound, name
+
+
+@needs_triton
+def test_model_with_kernel_equals_pytorch_path_training_and_fused_inference(device):
+    model = timm.create_model("test_mlla", num_classes=5).to(device)  # head dims 16 and 32, one to four heads
+    x = torch.randn(2, 3, 36, 44, device=device)  # stage grids 9x11, 5x6 (padded), 3x3, 2x2
+    kernel_out = model(x)
+    kernel_out.sum().backward()
+    kernel_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    with attention_backend("torch"):
+        ref = model(x)
+        ref.sum().backward()
+    assert torch.allclose(kernel_out, ref, rtol=1e-4, atol=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(kernel_grads[n], p.grad, rtol=1e-3, atol=1e-5), n
+    model.eval().fuse()
+    with torch.no_grad():
+        fused = model(x)
+        with attention_backend("torch"):
+            assert torch.allclose(fused, model(x), rtol=1e-4, atol=1e-5)
+
+
+@needs_triton
+def test_compile_keeps_the_kernel_in_one_graph_and_export_sees_the_pytorch_form(device):
+    qk, v, cos, sin = _inputs(2, (5, 3), batch=2, device=device)
+    graphs = []
+
+    def count(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(mlla_attention, fullgraph=True, backend=count)
+    qk_ = qk.clone().requires_grad_()
+    out = compiled(qk_, v, cos, sin)
+    out.sum().backward()
+    assert len(graphs) == 1  # forward; the kernel's forward op sits in the autograd.Function's subgraph
+    targets = {str(n.target) for m in graphs[0].modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes}
+    assert "mlla.mlla_attention_fwd.default" in targets
+    assert torch.allclose(out, mlla_attention_torch(qk, v, cos, sin), rtol=1e-5, atol=1e-6)
+    assert qk_.grad is not None and torch.isfinite(qk_.grad).all()
+
+    class Attention(torch.nn.Module):
+        def forward(self, qk, v, cos, sin):
+            return mlla_attention(qk, v, cos, sin)
+
+    exported = torch.export.export(Attention(), (qk, v, cos, sin), strict=False)
+    names = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert not any("mlla_attention" in name for name in names) and any("bmm" in n or "matmul" in n for n in names)
+
+
+def test_switch_falls_back_where_triton_or_cuda_is_missing(monkeypatch):
+    qk, v, cos, sin = _inputs(2, (3, 3))
+    with pytest.raises(ValueError, match="unknown attention backend 'cuda'"):
+        set_attention_backend("cuda")
+    monkeypatch.setattr(backend, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs Triton, which is not installed"):
+        set_attention_backend("triton")
+    assert get_attention_backend() == "torch"
+    with attention_backend("auto"):  # no Triton: the PyTorch form, silently
+        assert get_attention_backend() == "auto" and not uses_kernel(qk, v, cos)
+        assert torch.equal(mlla_attention(qk, v, cos, sin), mlla_attention_torch(qk, v, cos, sin))
+    assert get_attention_backend() == "torch"
+
+
+@needs_triton
+def test_switch_uses_pytorch_form_for_tensors_off_cuda(monkeypatch):
+    """With Triton but without CUDA (and without the interpreter): 'triton' warns once, 'auto' is silent."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    qk, v, cos, sin = _inputs(2, (3, 3))
+    with attention_backend("triton"):
+        with pytest.warns(UserWarning, match="runs on CUDA tensors; tensors on cpu use the PyTorch form"):
+            out = mlla_attention(qk, v, cos, sin)
+        assert torch.equal(out, mlla_attention_torch(qk, v, cos, sin))
+    with attention_backend("auto"):
+        assert not uses_kernel(qk, v, cos)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with attention_backend("auto"):  # under the interpreter, CPU tensors too; float64 is not a kernel dtype
+        assert uses_kernel(qk, v, cos) and not uses_kernel(qk.double(), v.double(), cos)
