@@ -59,6 +59,8 @@ def build(backbone: str, size: tuple[int, int], device: str | None = None) -> Up
     target = unwrap_features_only(features)
     if hasattr(target, "fuse"):
         target.fuse()  # MLLA: BatchNorm folded into its convolutions (inference)
+        if device is not None and not device.startswith("cpu"):
+            target.set_fused_inference(False)  # the fused in-place block path is the CPU's; GPUs run the plain one
     model = UperNet(features, 150).eval()
     return model if device is None else model.to(device)
 
