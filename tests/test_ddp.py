@@ -70,7 +70,7 @@ def test_the_failed_sample_limit_counts_every_process_and_stops_them_all_alike(t
     # 1 unreadable file in 17 validation images: 5.9% of the pass, 1 in 9 (11%) of one process's share.
     data = make_demo_dataset(tmp_path / "data", 4, 4, classes=DEMO_CLASSES[:4], progress=False)
     (data / "val" / DEMO_CLASSES[0] / "zz_broken.png").write_bytes(b"\x89PNG cut short")
-    cfg = TrainConfig(
+    cfg = ClassificationConfig(
         model="test_mlla", data_dir=str(data), epochs=1, batch_size=8, img_size=32, workers=0, progress=False,
         amp=False, opt="sgd", lr=1e-3, warmup_epochs=0, crop_pct=1.0, no_aug=True, mixup=0.0, cutmix=0.0,
         drop_path=0.0, sync_bn=True, model_ema=False, max_failed_fraction=0.08,

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from mlla.engine import fit, save_yaml
-from mlla.engine.config import resolve_config
+from mlla.tasks.detection.task import DetectionTask
+from mlla.tasks.segmentation.task import SegmentationTask
 
 pytestmark = pytest.mark.slow  # each test launches torchrun (two gloo processes) two or three times
 
@@ -62,9 +63,9 @@ def _train_on_one_and_two_processes(cfg, command: str, tmp_path: Path) -> None:
 _KILL_RANK_0_AT_STEP_3 = """
 import os, signal, sys
 import torch.distributed as dist
-from mlla.engine.config import load_yaml, resolve_config
 from mlla.engine.trainer import fit
-cfg = resolve_config(None, None, dict(load_yaml(sys.argv[1]), output=sys.argv[2], batch_size=1))
+from mlla.tasks.detection.task import DetectionTask
+cfg = DetectionTask.resolve_settings(yaml_path=sys.argv[1], overrides=dict(output=sys.argv[2], batch_size=1))
 fit(cfg, on_step=lambda step: os.kill(os.getpid(), signal.SIGKILL) if step == 3 and dist.get_rank() == 0 else None)
 """
 
@@ -73,8 +74,8 @@ def test_two_process_detection_matches_one_process_and_resumes_after_kill_9(tmp_
     from mlla.dense import make_det_demo_dataset
 
     data = make_det_demo_dataset(tmp_path / "data", train_images=8, val_images=2, img_size=64, progress=False)
-    cfg = resolve_config(None, None, dict(
-        task="detection", model="test_mlla", data_dir=str(data), epochs=1, batch_size=2, det_min_sizes=(64,),
+    cfg = DetectionTask.resolve_settings(overrides=dict(
+        model="test_mlla", data_dir=str(data), epochs=1, batch_size=2, det_min_sizes=(64,),
         det_max_size=64, model_kwargs=_SMALL_RCNN, opt="sgd", lr=1e-3, warmup_steps=1, sched="step",
         decay_milestones=(1,), hflip=0.5, drop_path=0.0, amp=False, model_ema=False, workers=0, progress=False,
         sync_bn=True, save_every_steps=1,
@@ -129,8 +130,8 @@ def test_two_process_segmentation_matches_one_process(tmp_path):
             Image.fromarray(image).save(data / "images" / split / f"{i}.png")
             Image.fromarray(labels, mode="L").save(data / "annotations" / split / f"{i}.png")
     (data / "classes.json").write_text(json.dumps(["a", "b", "c"]))
-    cfg = resolve_config(None, None, dict(
-        task="segmentation", model="test_mlla", data_dir=str(data), epochs=2, batch_size=4, workers=0, progress=False,
+    cfg = SegmentationTask.resolve_settings(overrides=dict(
+        model="test_mlla", data_dir=str(data), epochs=2, batch_size=4, workers=0, progress=False,
         amp=False, opt="sgd", lr=2e-3, warmup_steps=1, sched="poly", seg_channels=16, seg_aux_channels=8,
         seg_crop_size=32, seg_scale=(64, 32), seg_ratio_range=(1.0, 2.0), train_split="training",
         val_split="validation", model_ema=False, drop_path=0.0, sync_bn=True,

@@ -62,7 +62,7 @@ def test_the_checker_sees_links_paths_and_anchors(tmp_path):
 
 def test_the_demo_models_parameter_count_is_the_one_quoted():
     import mlla
-    from mlla.engine.presets import PRESETS
+    from mlla.tasks.classification.settings import PRESETS
     from mlla.tasks.classification import DEMO_CLASSES
 
     demo = PRESETS["demo"]

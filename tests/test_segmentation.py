@@ -338,7 +338,7 @@ def test_unnamed_classes_are_called_by_their_value_in_the_annotation_files(tmp_p
     rng = np.random.default_rng(0)
     _write_pair(tmp_path, "training", "a", rng.integers(0, 255, (40, 40, 3), dtype=np.uint8), rng.integers(0, 4, (40, 40)))
     for reduce_zero_label, names in ((True, ["label 1", "label 2", "label 3"]), (False, ["label 0", "label 1", "label 2"])):
-        task = SegmentationTask(TrainConfig(task="segmentation", num_classes=3, train_split="training",
+        task = SegmentationTask(SegmentationConfig(num_classes=3, train_split="training",
                                             seg_reduce_zero_label=reduce_zero_label))
         task.build_datasets(tmp_path, DistEnv())
         assert task.classes == names  # the legend of `mlla seg predict` names what the files hold

@@ -20,16 +20,14 @@ so the validation set is fixed; a marker file written last says the dataset is c
 """
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from ...data.generated import add_noise, generate_once
 from ..classification.task import MIN_IMG_SIZE
 
 __all__ = ["STUDY_CLASSES", "STUDY_GROUPS", "draw_study_image", "make_study_dataset", "study_dataset_settings"]
@@ -100,8 +98,7 @@ def draw_study_image(class_name: str, rng: random.Random, size: int = 32) -> Ima
                 boxes.append(box)
                 draw.rectangle(box, fill=_light(rng))
     img = img.resize((size, size), Image.BICUBIC)
-    noise = np.random.default_rng(rng.randrange(2**32)).normal(0, 8, (size, size, 3))
-    return Image.fromarray(np.clip(np.asarray(img, np.float32) + noise, 0, 255).astype(np.uint8))
+    return add_noise(img, rng, 8)
 
 
 def study_dataset_settings(
@@ -125,7 +122,6 @@ def make_study_dataset(
 
     ``img_size`` must be at least the training engine's smallest input (:data:`MIN_IMG_SIZE`).
     """
-    root = Path(root)
     if min(train_per_class, val_per_class) < 1:
         raise ValueError(f"need at least one image per class and split, got --train-per-class {train_per_class}, "
                          f"--val-per-class {val_per_class}")
@@ -133,16 +129,13 @@ def make_study_dataset(
         raise ValueError(f"--img-size {img_size}: the study trains at {MIN_IMG_SIZE} px or more (the training "
                          f"engine's smallest input); use --img-size {MIN_IMG_SIZE}")
     settings = study_dataset_settings(train_per_class, val_per_class, img_size, seed)
-    marker = root / "study_dataset.json"
-    if marker.is_file() and json.loads(marker.read_text()) == settings:
-        return root
-    if root.exists():
-        shutil.rmtree(root)
-    jobs = [(split, c, i) for split, n in (("train", train_per_class), ("val", val_per_class))
-            for c in STUDY_CLASSES for i in range(n)]
-    for split, c, i in tqdm(jobs, desc="generating study dataset", disable=not progress, leave=False):
-        path = root / split / c / f"{i:05d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        draw_study_image(c, random.Random(f"study/{seed}/{split}/{c}/{i}"), img_size).save(path)
-    marker.write_text(json.dumps(settings))  # written last: marks the dataset complete
-    return root
+
+    def write(root: Path) -> None:
+        jobs = [(split, c, i) for split, n in (("train", train_per_class), ("val", val_per_class))
+                for c in STUDY_CLASSES for i in range(n)]
+        for split, c, i in tqdm(jobs, desc="generating study dataset", disable=not progress, leave=False):
+            path = root / split / c / f"{i:05d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            draw_study_image(c, random.Random(f"study/{seed}/{split}/{c}/{i}"), img_size).save(path)
+
+    return generate_once(root, settings, write, marker="study_dataset.json")
