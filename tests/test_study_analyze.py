@@ -196,7 +196,7 @@ def test_untrained_twin_is_the_runs_initial_weights(tmp_path, monkeypatch) -> No
 
     def recording(*args, **kwargs):
         model = build(*args, **kwargs)
-        initial.update({k: v.clone() for k, v in model.state_dict().items()})
+        initial.update({k: v.clone() for k, v in model.state_dict().items()})  # the last: the one training starts from
         return model
 
     monkeypatch.setattr(classification, "create_model", recording)
@@ -206,6 +206,7 @@ def test_untrained_twin_is_the_runs_initial_weights(tmp_path, monkeypatch) -> No
     _prepare_data(spec)
     cfg = variant_config(spec, "ablation_forget_gate", seed=3)
     fit(cfg)
+    monkeypatch.undo()  # load_model builds through the same function
     twin, info = load_model(str(Path(cfg.output) / "last.pth"), weights=False)
     trained, _ = load_model(str(Path(cfg.output) / "last.pth"))
     assert info["source"] == "untrained, seed 3"

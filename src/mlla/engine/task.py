@@ -183,10 +183,13 @@ class Task:
                 )
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, *, use_ema: bool = False) -> tuple[nn.Module, "Task"]:
+    def from_checkpoint(
+        cls, path: str | os.PathLike, *, use_ema: bool = False, weights: bool = True
+    ) -> tuple[nn.Module, "Task"]:
         """The model (eval mode, on the CPU) and the task (settings, :meth:`state`) of a run's
         checkpoint (``last.pth`` or ``best.pth``, also of runs saved by older versions); ``use_ema``:
-        its EMA weights."""
+        its EMA weights; ``weights=False``: the model as the run started, built after seeding with
+        the run's seed (its untrained twin)."""
         ckpt = read_checkpoint(path)
         saved = ckpt.get("config")
         missing = [k for k in cls.state_keys if k not in ckpt]
@@ -196,6 +199,9 @@ class Task:
                                   f"{'; no ' + ', '.join(missing) if missing else ''})")
         task = cls(dataclasses.replace(cls.resolve_settings(overrides=saved), initial_checkpoint=None))
         task.restore({k: ckpt[k] for k in cls.state_keys})
+        if not weights:
+            torch.manual_seed(task.cfg.seed)
+            return task.build_model().eval(), task
         model = task.build_model()
         weights = ckpt.get("model_ema") if use_ema else ckpt.get("model")
         if not isinstance(weights, dict):

@@ -330,30 +330,29 @@ def load_model(source: str, *, model: str | None = None, model_kwargs: dict[str,
     ``interpolation`` and ``data_dir`` (from the training config, where known).
     """
     from ...benchmark import build_model
-    from ...checkpoint import read_checkpoint
+    from ...checkpoint import CheckpointError
     from ...engine.checkpointing import load_model_weights
     from ...models import create_model
+    from ..classification.task import ClassificationTask
 
     path = Path(source)
-    if path.is_file():
-        ckpt = read_checkpoint(path)
-        config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-        name = model or config.get("model")
-        if not name:
-            raise ValueError(f"{path} does not say which model it holds (no training config); pass --model NAME "
-                             f"and --model-kwargs for its size")
-        kwargs = dict(config.get("model_kwargs") or {}, **(model_kwargs or {}))
-        classes = ckpt.get("class_to_idx")
-        if classes:
-            kwargs["num_classes"] = len(classes)
-        if not weights:
-            torch.manual_seed(int(config.get("seed") or 0))
-        net = create_model(name, **kwargs)
+    if path.is_file() and model is None and not model_kwargs:
+        try:
+            net, task = ClassificationTask.from_checkpoint(path, weights=weights)
+        except CheckpointError as e:
+            raise ValueError(f"{e}; for a file of weights alone, pass --model NAME and --model-kwargs for its size") from e
+        cfg = task.cfg
+        info = dict(name=cfg.model, source=str(path) if weights else f"untrained, seed {cfg.seed}",
+                    img_size=img_size or cfg.img_size, crop_pct=cfg.crop_pct, interpolation=cfg.interpolation,
+                    data_dir=cfg.data_dir, val_split=cfg.val_split)
+    elif path.is_file():  # a weights file, or a checkpoint read as another model or size
+        if model is None:
+            raise ValueError(f"--model-kwargs with {path}: give --model NAME too")
+        net = create_model(model, **(model_kwargs or {}))
         if weights:
             load_model_weights(net, path)
-        info = dict(name=name, source=str(path) if weights else f"untrained, seed {config.get('seed') or 0}", img_size=img_size or config.get("img_size"),
-                    crop_pct=config.get("crop_pct"), interpolation=config.get("interpolation"),
-                    data_dir=config.get("data_dir"), val_split=config.get("val_split", "val"))
+        info = dict(name=model, source=str(path) if weights else "untrained", img_size=img_size, crop_pct=None,
+                    interpolation=None, data_dir=None, val_split="val")
     else:
         import timm
 
