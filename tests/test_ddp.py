@@ -82,6 +82,7 @@ def test_the_failed_sample_limit_counts_every_process_and_stops_them_all_alike(t
     fit(cfg)
     result = _torchrun(["train", "--config", str(tmp_path / "cfg.yaml"), "--output", str(tmp_path / "two"), "--batch-size", "4"])
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("validation top-1 after") == 1, result.stdout  # reported once, not per process
     rows = [json.loads((tmp_path / p / "metrics.jsonl").read_text().splitlines()[0]) for p in ("one", "two")]
     assert rows[0]["val_skipped"] == rows[1]["val_skipped"] == 1
     # 16 images scored once each: the same hits; the loss to float32 rounding (as above).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,7 @@ def _train_on_one_and_two_processes(cfg, command: str, tmp_path: Path) -> None:
                     str(tmp_path / "two"), "--batch-size", str(half))
     assert two.returncode == 0, two.stderr[-3000:]
     assert f"2 process(es) x batch {half} = {cfg.batch_size} images/step" in two.stderr
+    assert len(re.findall(r"after \d+ epochs", two.stdout)) == 1, two.stdout  # reported once, not per process
 
 
 _KILL_RANK_0_AT_STEP_3 = """

@@ -47,7 +47,7 @@ def _train(task: type[Task], args: argparse.Namespace, report: Callable[[dict[st
         print_settings(cfg)
         return 0
     summary = fit(cfg, task=task(cfg))
-    if summary["status"] == "finished":
+    if summary["status"] == "finished" and summary["is_main"]:  # once, not once per process
         report(summary)
     return 0
 

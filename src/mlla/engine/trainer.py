@@ -45,7 +45,7 @@ def fit(cfg: TrainConfig, *, task: Task | None = None, on_step: Callable[[int], 
     every optimizer step. Returns a summary: ``status`` ('finished' or 'interrupted'),
     ``output``, ``epoch`` (epochs done), ``best`` (``score``: the best raw or EMA value of the
     task's ``best_metric``, or minus the training loss without validation, and its ``epoch``)
-    and ``last`` (the last metrics row). Raises RuntimeError on a non-finite loss (the last good
+    and ``last`` (the last metrics row), ``is_main`` (whether this process reports: rank 0). Raises RuntimeError on a non-finite loss (the last good
     checkpoint is kept).
     """
     env = init_distributed(cfg.device)
@@ -422,4 +422,4 @@ class Trainer:
                 _logger.warning("stopped at epoch %d step %d: continue with --resume auto --output %s",
                                 self.epoch + 1, self.step_in_epoch, self.output)
         self._barrier()
-        return dict(status=status, output=str(self.output), epoch=self.epoch, best=self.best, last=row)
+        return dict(status=status, output=str(self.output), epoch=self.epoch, best=self.best, last=row, is_main=env.is_main)
