@@ -2,8 +2,10 @@
 
 A checkpoint is a ``.pth`` dict readable with ``torch.load(weights_only=True)`` (tensors and
 plain Python values only): ``model``, ``model_ema``, ``optimizer``, ``scheduler``, ``scaler``,
-``epoch`` and ``step_in_epoch`` (where to continue), ``global_step``, ``best``, ``meters`` (the
-partial epoch's sums), ``rng`` (python, numpy, torch, CUDA), ``config``, ``class_to_idx``.
+``epoch`` and ``step_in_epoch`` (where to continue), ``global_step``, ``best``, ``per_rank`` (each
+process's ``rng``: python, numpy, torch, CUDA, and ``meters``: the partial epoch's sums; checkpoints of
+older versions hold rank 0's as top-level ``rng`` and ``meters``), ``config`` and the task's state
+(e.g. ``class_to_idx``).
 """
 from __future__ import annotations
 

@@ -238,7 +238,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         self.best = dict(ckpt["best"])
         _logger.info("resumed from %s: epoch %d, step %d of %d", self.resume_from, self.epoch + 1, self.step_in_epoch, self.steps_per_epoch)
-        per_rank = ckpt.get("per_rank") or [dict(rng=ckpt["rng"], meters=ckpt["meters"])]
+        per_rank = ckpt.get("per_rank") or [dict(rng=ckpt["rng"], meters=ckpt["meters"])]  # older: rank 0's only
         if len(per_rank) == self.env.world_size:  # each process continues where it was
             self.meters = dict(per_rank[self.env.rank]["meters"])
             return per_rank[self.env.rank]["rng"]
@@ -246,7 +246,7 @@ class Trainer:
         if self.env.is_main:
             for own in per_rank:
                 self._count(**own["meters"])
-        return ckpt["rng"]
+        return per_rank[0]["rng"]
 
     # ------------------------------------------------------------------------- checkpoints
     def _state(self, per_rank: list[dict[str, Any]]) -> dict[str, Any]:
@@ -260,8 +260,6 @@ class Trainer:
             step_in_epoch=self.step_in_epoch,
             global_step=self.global_step,
             best=self.best,
-            meters=per_rank[0]["meters"],
-            rng=per_rank[0]["rng"],
             # each process's own random state (e.g. detection's anchor sampling) and partial sums
             per_rank=per_rank,
             config=self.cfg.to_dict(),

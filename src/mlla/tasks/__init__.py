@@ -3,9 +3,9 @@
 :mod:`.segmentation` (UperNet on ADE20K-layout data) and :mod:`.study` (the paper's design study).
 Each holds its settings and presets, model builder, data, evaluation, demo data and pictures, and
 registers its :class:`~mlla.engine.task.Task` in :data:`TASKS` (see docs/architecture.md)."""
-from .registry import TASKS, get_task, register_task
+from .registry import TASKS, register_task
 from .classification.task import ClassificationTask
 from .detection.task import DetectionTask
 from .segmentation.task import SegmentationTask
 
-__all__ = ["TASKS", "ClassificationTask", "DetectionTask", "SegmentationTask", "get_task", "register_task"]
+__all__ = ["TASKS", "ClassificationTask", "DetectionTask", "SegmentationTask", "register_task"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..engine.task import Task
 
-__all__ = ["TASKS", "get_task", "register_task"]
+__all__ = ["TASKS", "register_task"]
 
 #: Registered tasks by :attr:`~mlla.engine.task.Task.name`.
 TASKS: dict[str, type[Task]] = {}
@@ -18,9 +18,3 @@ def register_task(cls: type[Task]) -> type[Task]:
     TASKS[cls.name] = cls
     return cls
 
-
-def get_task(name: str) -> type[Task]:
-    """The registered task ``name``; raises ValueError listing the tasks."""
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
-    return TASKS[name]
