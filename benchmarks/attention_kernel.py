@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                            / mlla_attention_torch(qk, v, cos, sin).double().abs().max()).item()
                 for backward in (False, True):
                     calls = {f: make_call(f, qk, v, cos, sin, backward, compiled) for f in forms}
-                    times, _ = time_interleaved(calls, device, rounds=args.rounds, warmup=args.warmup,
+                    times, per_round = time_interleaved(calls, device, rounds=args.rounds, warmup=args.warmup,
                                                 min_round_s=args.min_round_s)
                     gbytes = pass_bytes(qk, cos, backward) / 1e9
                     base = statistics.median(times["torch"])

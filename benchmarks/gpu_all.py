@@ -1,8 +1,9 @@
-"""Every GPU measurement of issue 17 in one run, within a time budget (default 10 minutes; H200-sized):
+"""Every GPU measurement of issue 17 in one run, within a time budget (default 8 minutes; H200-sized):
 
     python benchmarks/gpu_all.py                                  # on the GPU machine, from the repository root
     python benchmarks/gpu_all.py --device cpu --dry --output-dir /tmp/gpu_dry   # tiny settings: a logic check
     python benchmarks/gpu_all.py --plan                           # print the commands, run nothing
+    python benchmarks/gpu_all.py --merge CALL1 CALL2              # one folder from several calls' outputs
 
 Steps run one after another, most important first, each a command of the repository (so any of
 them can be rerun alone) in its own process with its own time limit; a step that fails or runs out
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,46 +53,47 @@ def plan(device: str, dry: bool, out: Path) -> list[Step]:
     attn = ["--attention-backends", "torch"] if dry else ["--attention-backends", "torch", "triton"]
     rounds = ["--rounds", "1", "--warmup", "1"] if dry else ["--rounds", "5", "--warmup", "2"]
     train_dtypes = ["fp32"] if dry else ["bf16", "fp32", "tf32"]
-    infer_dtypes = ["fp32", "bf16"] if dry else ["bf16", "fp32"]
     size, train_batch = ("64", "2") if dry else ("224", "128")
     infer_batches = ["2"] if dry else ["1", "32", "256"]
-    hires, hires_dtypes = (["64", "128"], ["bf16"]) if dry else (["1024", "2048"], ["bf16", "fp32"])
+    hires = ["64", "128"] if dry else ["1024", "2048"]
     interp = {"TRITON_INTERPRET": "1"} if dry else {}
     common = ["--device", device, *rounds]
     memory = ["--memory", "none"] if dry else []  # CPU probes start a process per row: the dry run keeps them to one step
+    # Time limits fit one 10-minute call on an H200 (budget 480 s): the targets' steps first, then
+    # the dense models and the other precisions; the compiled variants run only if time is left.
     steps = [
         Step("kernel_tests", [py, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-x", "tests/test_ops_mlla_attention.py"],
-             150, interp),
+             120, interp),
         Step("attention_kernel", [py, "benchmarks/attention_kernel.py", "--device", device, "--output-dir", str(out / "attention_kernel"),
                                   *(["--cases", "32:1", "--dtypes", "bf16", "--no-compile", "--rounds", "1", "--warmup", "1",
-                                     "--min-round-s", "0", "--copy-mib", "8"] if dry else [])],
-             150, interp),
+                                     "--min-round-s", "0", "--copy-mib", "8"] if dry else ["--rounds", "5", "--no-compile"])],
+             100, interp),
         Step("train_224", _bench(out, "train_224", "--mode", "train", "--sizes", size, "--batch-sizes", train_batch,
-                                 "--dtypes", *train_dtypes, "--models", *MODELS, *attn, *memory, *common), 240),
+                                 "--dtypes", *train_dtypes, "--models", *MODELS, *attn, *memory, *common), 120),
         Step("infer_224", _bench(out, "infer_224", "--mode", "infer", "--sizes", size, "--batch-sizes", *infer_batches,
-                                 "--dtypes", *infer_dtypes, "--models", *MODELS, *attn, *memory, *common), 200),
+                                 "--dtypes", "bf16", "--models", *MODELS, *attn, *memory, *common), 80),
         Step("backbone_hires", _bench(out, "backbone_hires", "--task", "features", "--mode", "infer", "--sizes", *hires,
-                                      "--batch-sizes", "1", "--dtypes", *hires_dtypes, "--models", "mlla_tiny", SWIN,
-                                      CONVNEXT, *attn, *common), 150),
+                                      "--batch-sizes", "1", "--dtypes", "bf16", "--models", "mlla_tiny", SWIN,
+                                      CONVNEXT, *attn, *common), 60),
         Step("dense_mask_rcnn", [py, "benchmarks/dense.py", "--device", device, "--output-dir", str(out / "dense_mask_rcnn"),
-                                 "--sizes", "128" if dry else "800x1333", "--rounds", "1" if dry else "5"], 180),
+                                 "--sizes", "128" if dry else "800x1333", "--rounds", "1" if dry else "5"], 60),
         Step("dense_upernet", [py, "benchmarks/dense_seg.py", "--device", device, "--output-dir", str(out / "dense_upernet"),
-                               "--sizes", "64x256" if dry else "512x2048", "--rounds", "1" if dry else "5"], 150),
+                               "--sizes", "64x256" if dry else "512x2048", "--rounds", "1" if dry else "5"], 50),
         Step("infer_224_precisions", _bench(out, "infer_224_precisions", "--mode", "infer", "--sizes", size, "--batch-sizes",
-                                            infer_batches[-1], "--dtypes", *(["fp16"] if dry else ["fp16", "tf32"]),
-                                            "--models", *MODELS, *attn, *memory, *common), 120),
+                                            infer_batches[-1], "--dtypes", *(["fp16"] if dry else ["fp16", "fp32", "tf32"]),
+                                            "--models", *MODELS, *attn, *memory, *common), 70),
     ]
     if dry:  # a loaded 2-core CPU is slow, and the dry run checks logic, not time
         for step in steps:
             step.timeout_s = 900
     if not dry:  # compiled variants last: inductor's compile time is the least predictable part
         steps += [
+            Step("infer_224_compiled", _bench(out, "infer_224_compiled", "--mode", "infer", "--sizes", size, "--batch-sizes",
+                                              "256", "--dtypes", "bf16", "--backends", "compile", "--models", "mlla_tiny",
+                                              CONVNEXT, *attn, "--memory", "none", *common), 150),
             Step("train_224_compiled", _bench(out, "train_224_compiled", "--mode", "train", "--sizes", size, "--batch-sizes",
                                               train_batch, "--dtypes", "bf16", "--backends", "compile", "--models", "mlla_tiny",
                                               SWIN, CONVNEXT, *attn, "--memory", "none", *common), 300),
-            Step("infer_224_compiled", _bench(out, "infer_224_compiled", "--mode", "infer", "--sizes", size, "--batch-sizes",
-                                              "256", "--dtypes", "bf16", "--backends", "compile", "--models", "mlla_tiny", SWIN,
-                                              CONVNEXT, *attn, "--memory", "none", *common), 240),
         ]
     return steps
 
@@ -147,14 +150,45 @@ def run(steps: list[Step], out: Path, budget_s: float, device: str, dry: bool) -
     return manifest
 
 
+def merge(calls: list[Path], out: Path) -> dict:
+    """One results folder from the output folders of several calls (a device lease may allow
+    only short calls): each step's files, log and record come from the last call that ran it;
+    logs it replaces are kept as ``logs/STEP.callN.log``. The manifest lists every call."""
+    steps: dict[str, dict] = {}
+    manifests = []
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    for number, folder in enumerate(calls, 1):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifests.append(manifest)
+        for record in manifest["steps"]:
+            if record["status"].startswith("skipped"):
+                steps.setdefault(record["name"], dict(record, call=number))
+                continue
+            name = record["name"]
+            if name in steps and (out / "logs" / f"{name}.log").is_file():
+                os.replace(out / "logs" / f"{name}.log", out / "logs" / f"{name}.call{steps[name]['call']}.log")
+            shutil.rmtree(out / name, ignore_errors=True)
+            if (folder / name).is_dir():
+                shutil.copytree(folder / name, out / name)
+            shutil.copy2(folder / "logs" / f"{name}.log", out / "logs" / f"{name}.log")
+            steps[name] = dict(record, call=number)
+    merged = dict(manifests[0], steps=list(steps.values()), calls=[{k: v for k, v in m.items() if k != "steps"} | dict(
+        steps=[s["name"] for s in m["steps"] if not s["status"].startswith("skipped")]) for m in manifests])
+    merged.pop("wall_s", None)
+    _write_manifest(out / "manifest.json", merged)
+    return merged
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (default), or cpu with --dry")
     p.add_argument("--dry", action="store_true", help="tiny settings, one round, no compilation: checks the steps run")
     p.add_argument("--plan", action="store_true", help="print the steps' commands and exit")
-    p.add_argument("--budget-s", type=float, default=600.0, help="time for all steps together (default: %(default)s)")
+    p.add_argument("--budget-s", type=float, default=480.0, help="time for all steps together (default: %(default)s)")
     p.add_argument("--only", nargs="+", help="run only these steps (names as in --plan)")
     p.add_argument("--output-dir", help="default benchmarks/results/gpu; required with --dry (a temporary folder)")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="run nothing: merge these output folders of earlier calls into --output-dir (later calls win)")
     return p.parse_args(argv)
 
 
@@ -165,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry and not args.output_dir and not args.plan:
         raise SystemExit("--dry: pass --output-dir (a temporary folder); dry results must not land in benchmarks/results/gpu")
     out = Path(args.output_dir or ROOT / "benchmarks" / "results" / "gpu").resolve()
+    if args.merge:
+        merge([Path(d) for d in args.merge], out)
+        return 0
     steps = plan(args.device, args.dry, out)
     if args.only:
         unknown = set(args.only) - {s.name for s in steps}

@@ -49,8 +49,9 @@ def load(results: Path = RESULTS) -> dict:
 
 
 def _label(row: dict) -> str:
-    name = NAMES.get(row["model"], row["model"])
-    return f"{name} (fused attention)" if row.get("attention", "torch") not in ("torch", "") else name
+    """The model's name, with the attention setting where it is not the PyTorch form ('triton': the fused kernel)."""
+    name, attention = NAMES.get(row["model"], row["model"]), row.get("attention") or "torch"
+    return name if attention == "torch" else f"{name} (attention '{attention}')"
 
 
 def _find(rows: list[dict], **match) -> dict | None:

@@ -52,6 +52,16 @@ def device():
         yield where
 
 
+@pytest.fixture
+def strict_float32():
+    """No TF32 in convolutions or matmuls for the test: on CUDA, cuDNN's TF32 default alone moves a
+    model's first-layer gradients by about 1e-3 relative, whichever attention runs."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def test_pytorch_forms_equal_the_naive_reference_in_float64():
     qk, v, cos, sin = (t.double() for t in _inputs(3, (5, 7), batch=2))
     ref = mlla_attention_naive(qk, v, cos, sin)
@@ -61,7 +71,7 @@ def test_pytorch_forms_equal_the_naive_reference_in_float64():
     out = torch.ones_like(ref)
     add_mlla_attention_(out, deinterleaved.clone(), v, cos, sin)
     assert torch.allclose(out, ref + 1, rtol=1e-12, atol=1e-12)
-    assert get_attention_backend() == "torch"  # the default
+    assert get_attention_backend() == "auto"  # the default: the kernel only for CUDA tensors
     assert torch.equal(mlla_attention(qk, v, cos, sin), mlla_attention_torch(qk, v, cos, sin))
 
 
@@ -112,7 +122,7 @@ def test_kernel_gradients_match_float64(device, heads, grid, head_dim, dtype):
 
 
 @needs_triton
-def test_model_with_kernel_equals_pytorch_path_training_and_fused_inference(device):
+def test_model_with_kernel_equals_pytorch_path_training_and_fused_inference(device, strict_float32):
     model = timm.create_model("test_mlla", num_classes=5).to(device)  # head dims 16 and 32, one to four heads
     x = torch.randn(2, 3, 36, 44, device=device)  # stage grids 9x11, 5x6 (padded), 3x3, 2x2
     kernel_out = model(x)
@@ -160,6 +170,30 @@ def test_compile_keeps_the_kernel_in_one_graph_and_export_sees_the_pytorch_form(
     assert not any("mlla_attention" in name for name in names) and any("bmm" in n or "matmul" in n for n in names)
 
 
+@needs_triton
+@pytest.mark.parametrize("attention", ["torch", "triton"])
+def test_compiled_model_is_one_graph_with_and_without_the_kernel(device, attention, strict_float32):
+    model = timm.create_model("test_mlla", num_classes=5).to(device)
+    x = torch.randn(2, 3, 36, 44, device=device)
+    graphs = []
+
+    def count(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with attention_backend(attention):
+        ref = model(x)
+        out = torch.compile(model, fullgraph=True, backend=count)(x)
+    assert len(graphs) == 1
+    targets = {str(n.target) for m in graphs[0].modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes}
+    assert ("mlla.mlla_attention_fwd.default" in targets) == (attention == "triton")
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+    if device == "cuda":  # inductor itself on the card: one graph (fullgraph) with and without the kernel
+        with attention_backend(attention):
+            compiled = torch.compile(model, fullgraph=True)(x)
+        assert torch.allclose(compiled, ref, rtol=1e-3, atol=1e-4)
+
+
 def test_switch_falls_back_where_triton_or_cuda_is_missing(monkeypatch):
     qk, v, cos, sin = _inputs(2, (3, 3))
     with pytest.raises(ValueError, match="unknown attention backend 'cuda'"):
@@ -167,11 +201,11 @@ def test_switch_falls_back_where_triton_or_cuda_is_missing(monkeypatch):
     monkeypatch.setattr(backend, "triton_available", lambda: False)
     with pytest.raises(RuntimeError, match="needs Triton, which is not installed"):
         set_attention_backend("triton")
-    assert get_attention_backend() == "torch"
+    assert get_attention_backend() == "auto"
     with attention_backend("auto"):  # no Triton: the PyTorch form, silently
         assert get_attention_backend() == "auto" and not uses_kernel(qk, v, cos)
         assert torch.equal(mlla_attention(qk, v, cos, sin), mlla_attention_torch(qk, v, cos, sin))
-    assert get_attention_backend() == "torch"
+    assert get_attention_backend() == "auto"
 
 
 @needs_triton
@@ -186,5 +220,29 @@ def test_switch_uses_pytorch_form_for_tensors_off_cuda(monkeypatch):
     with attention_backend("auto"):
         assert not uses_kernel(qk, v, cos)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with attention_backend("auto"):  # under the interpreter, CPU tensors too; float64 is not a kernel dtype
+    with attention_backend("auto"):  # 'auto' never runs the interpreter
+        assert not uses_kernel(qk, v, cos)
+    with attention_backend("triton"):  # 'triton' does, for CPU tensors too; float64 is not a kernel dtype
         assert uses_kernel(qk, v, cos) and not uses_kernel(qk.double(), v.double(), cos)
+
+
+def test_auto_uses_the_kernel_on_cuda_in_eager_mode_only(monkeypatch):
+    """'auto' on a CUDA tensor (faked: the rule reads metadata only): the kernel in eager mode on
+    compute capability 8.0 and newer; the PyTorch form under torch.compile and on older GPUs."""
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    qk = torch.empty(1, 4, 2, 2, 32, device="meta")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(backend, "_capability_major", lambda index: 9)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    cos = torch.empty(2, 4, 16, device="meta")
+    with attention_backend("auto"):
+        assert uses_kernel(qk, qk[:, :, 0], cos)
+        assert not uses_kernel(qk.double(), qk[:, :, 0].double(), cos)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not uses_kernel(qk, qk[:, :, 0], cos)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+        monkeypatch.setattr(backend, "_capability_major", lambda index: 7)
+        assert not uses_kernel(qk, qk[:, :, 0], cos)
+    with attention_backend("torch"):
+        monkeypatch.setattr(backend, "_capability_major", lambda index: 9)
+        assert not uses_kernel(qk, qk[:, :, 0], cos)

@@ -23,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--backends", nargs="+", default=["eager"], help="eager and/or compile (torch.compile)")
     p.add_argument("--attention-backends", nargs="+", default=["torch"], choices=["torch", "triton", "auto"],
                    help="MLLA models: one variant per attention backend (mlla.ops.set_attention_backend; "
-                        "'triton' is the fused kernel, CUDA only) (default: torch)")
+                        "'triton' is the fused kernel, CUDA only) (default: torch, the PyTorch form as the baseline; "
+                        "the library's own default is auto)")
     p.add_argument("--task", default="cls", choices=["cls", "features"], help="classifier or features_only backbone")
     p.add_argument("--mode", default="infer", choices=["infer", "train"], help="inference, or training step (forward + backward)")
     p.add_argument("--warmup", type=int, default=2, help="warm-up calls per variant (default: 2)")

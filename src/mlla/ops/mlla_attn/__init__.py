@@ -1,16 +1,18 @@
 """MLLA's attention as one operator (SPEC section 3), in three forms that compute the same:
 
 * :func:`~.naive.mlla_attention_naive`: the formula step by step, the readable reference;
-* :func:`~.parallel.mlla_attention_torch`: the PyTorch form the model runs by default (and
+* :func:`~.parallel.mlla_attention_torch`: the PyTorch form the model runs on CPU, under export
+  and (by default) under ``torch.compile`` (and
   :func:`~.parallel.add_mlla_attention_`, its in-place inference variant);
 * :func:`~.fused.fused_mlla_attention`: one fused Triton kernel (forward and backward), chosen
-  by :func:`set_attention_backend` (see :mod:`.backend` for the rule; off by default).
+  by :func:`set_attention_backend` (see :mod:`.backend` for the rule: by default on CUDA in
+  eager mode).
 """
 from __future__ import annotations
 
 import torch
 
-from .backend import BACKENDS, _state, attention_backend, get_attention_backend, set_attention_backend, uses_kernel
+from .backend import BACKENDS, attention_backend, fused_attention, get_attention_backend, set_attention_backend, uses_kernel
 from .naive import mlla_attention_naive
 from .parallel import add_mlla_attention_, mlla_attention_torch
 
@@ -40,6 +42,6 @@ def mlla_attention(
     Returns:
         ``(B, N, h, d)`` in the dtype of the computation (that of ``qk`` and ``v``).
     """
-    if _state.backend != "torch" and uses_kernel(qk, v, cos):
-        return _state.fused(qk, v, cos.contiguous(), sin.contiguous(), eps)
+    if uses_kernel(qk, v, cos):
+        return fused_attention()(qk, v, cos.contiguous(), sin.contiguous(), eps)
     return mlla_attention_torch(qk, v, cos, sin, eps)

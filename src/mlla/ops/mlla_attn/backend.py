@@ -3,20 +3,25 @@
 One process-wide setting, :func:`set_attention_backend` (or the context manager
 :func:`attention_backend`), decides; nothing else does. The rule, applied per call:
 
-* ``"torch"`` (the default): the PyTorch form (:func:`mlla.ops.mlla_attn.parallel.mlla_attention_torch`).
-* ``"triton"``: the fused kernel wherever it can run: CUDA tensors (any device under
-  ``TRITON_INTERPRET=1``, Triton's CPU interpreter, which the tests use), ``qk`` and ``v`` of one
-  dtype among float32 / bfloat16 / float16 and float32 RoPE tables. Elsewhere the PyTorch form,
-  with a warning once per process for tensors on a device the kernel does not run on. Setting it
-  raises a :class:`RuntimeError` where Triton is not installed.
-* ``"auto"``: as ``"triton"`` where Triton is installed, without the warning; the PyTorch form
-  everywhere when it is not.
+* ``"auto"`` (the default): the fused kernel for CUDA tensors of a GPU of compute capability 8.0
+  or newer in eager mode, where Triton is installed; the PyTorch form under ``torch.compile``
+  (inductor fuses its elementwise steps itself; the kernel under compile was not measured on a
+  GPU), on other devices and without Triton. Never Triton's CPU interpreter.
+* ``"torch"``: the PyTorch form (:func:`mlla.ops.mlla_attn.parallel.mlla_attention_torch`).
+* ``"triton"``: the fused kernel wherever it can run, compiled graphs included: CUDA tensors (any
+  device under ``TRITON_INTERPRET=1``, Triton's CPU interpreter, which the tests use). Elsewhere
+  the PyTorch form, with a warning once per process for tensors on a device the kernel does not
+  run on. Setting it raises a :class:`RuntimeError` where Triton is not installed.
 
-Under ``torch.export``, ``torch.fx`` symbolic tracing and the TorchScript tracer the PyTorch form
-is always used (exported and traced graphs stay plain PyTorch). The checks read the setting and
-each tensor's device and dtype (metadata, which ``torch.compile`` guards on), never its values.
+The kernel takes ``qk`` and ``v`` of one dtype among float32 / bfloat16 / float16 and float32
+RoPE tables; other dtypes use the PyTorch form. Under ``torch.export``, ``torch.fx`` symbolic
+tracing and the TorchScript tracer the PyTorch form is always used (exported and traced graphs
+stay plain PyTorch). The checks read the setting and each tensor's device and dtype (metadata,
+which ``torch.compile`` guards on), never its values.
 
-The default stays ``"torch"`` until a GPU run of ``benchmarks/gpu_all.sh`` shows the kernel faster.
+Why ``"auto"`` is the default: on an H200 (``benchmarks/results/gpu``) the kernel was faster than
+the PyTorch form in every eager case measured: the attention alone 1.4x to 7.7x, MLLA-T's bf16
+training step 1.12x and its bf16 inference at batch 256 1.39x, with less peak memory.
 """
 from __future__ import annotations
 
@@ -29,15 +34,15 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["BACKENDS", "attention_backend", "get_attention_backend", "set_attention_backend", "uses_kernel"]
+__all__ = ["BACKENDS", "attention_backend", "fused_attention", "get_attention_backend", "set_attention_backend", "uses_kernel"]
 
 BACKENDS = ("torch", "triton", "auto")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class _State:
-    backend: str = "torch"
-    fused: Callable | None = None  # fused_mlla_attention, once imported
+    backend: str = "auto"
+    fused: Callable | None = None  # fused_mlla_attention, imported on first use
     interpreted: bool = False  # TRITON_INTERPRET=1 when the backend was set
     warned: bool = False
 
@@ -45,27 +50,40 @@ class _State:
 _state = _State()
 
 
-@functools.cache
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Whether Triton can be imported (looked up once; monkeypatched by the tests)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton can be imported (looked up once, at import; monkeypatched by the tests)."""
+    return _HAS_TRITON
 
 
 def set_attention_backend(name: str) -> None:
-    """Choose how MLLA's attention runs: ``"torch"`` (default), ``"triton"`` or ``"auto"`` (see the module docstring)."""
+    """Choose how MLLA's attention runs: ``"auto"`` (default), ``"torch"`` or ``"triton"`` (see the module docstring)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; use one of {BACKENDS}")
-    fused = None
-    if name != "torch" and triton_available():
-        from .fused import fused_mlla_attention as fused
-    elif name == "triton":
+    if name == "triton" and not triton_available():
         raise RuntimeError(
             "attention backend 'triton' needs Triton, which is not installed: install a PyTorch build "
             "with Triton (pip install triton on Linux with CUDA), or use set_attention_backend('auto'), "
             "which falls back to the PyTorch form"
         )
-    _state.backend, _state.fused, _state.warned = name, fused, False
+    _state.backend, _state.warned = name, False
     _state.interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def fused_attention() -> Callable:
+    """:func:`mlla.ops.mlla_attn.fused.fused_mlla_attention` (imports Triton on first use)."""
+    if _state.fused is None:
+        from .fused import fused_mlla_attention
+
+        _state.fused = fused_mlla_attention
+    return _state.fused
+
+
+@functools.cache
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def get_attention_backend() -> str:
@@ -85,15 +103,30 @@ def attention_backend(name: str) -> Iterator[None]:
 
 
 def _tracing_to_plain_graph() -> bool:
-    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.fx._symbolic_trace.is_fx_tracing()
+    """Export, TorchScript or FX symbolic tracing (they see the PyTorch form); not ``torch.compile``,
+    whose graph keeps the kernel as one custom op. (``is_fx_tracing`` is also true under Dynamo on
+    some torch versions, 2.11 on an H200: hence compile first, then the symbolic-trace check.)"""
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return True
+    if torch.compiler.is_compiling():
+        return False
+    fx = torch.fx._symbolic_trace
+    return getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)()
 
 
 def uses_kernel(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether :func:`mlla.ops.mlla_attention` runs the fused kernel for these inputs (the rule above)."""
-    if _state.fused is None or _tracing_to_plain_graph():
+    backend = _state.backend
+    if backend == "torch" or not triton_available() or _tracing_to_plain_graph():  # FX: before reading a proxy
         return False
-    if not (qk.is_cuda or _state.interpreted):
-        if _state.backend == "triton" and not _state.warned and not torch.compiler.is_compiling():
+    if backend == "auto":
+        if not qk.is_cuda:
+            return False
+        index = qk.device.index if qk.device.index is not None else torch.cuda.current_device()
+        if torch.compiler.is_compiling() or _capability_major(index) < 8:
+            return False
+    elif not (qk.is_cuda or _state.interpreted):
+        if not _state.warned and not torch.compiler.is_compiling():
             _state.warned = True
             warnings.warn(
                 f"attention backend 'triton' runs on CUDA tensors; tensors on {qk.device} use the PyTorch form",

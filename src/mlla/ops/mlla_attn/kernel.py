@@ -29,6 +29,8 @@ operands are multiplied in float32.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -38,7 +40,10 @@ __all__ = ["backward", "forward", "interpreted"]
 
 def interpreted() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older ones read the variable itself
+    if knobs is None:
+        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return bool(knobs.runtime.interpret)
 
 
 @triton.jit

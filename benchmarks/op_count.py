@@ -1,0 +1,74 @@
+"""How many PyTorch operators one forward pass dispatches, per model: on a GPU every one is (at
+least) a kernel launch from Python, so a model with many small operators is bound by the CPU that
+launches them until the batch is large (see the README's GPU section).
+
+    .venv/bin/python benchmarks/op_count.py     # a few seconds on a CPU; writes benchmarks/results/op_count/
+
+Counts every ATen operator call (views included: each costs dispatch time on the CPU) of one
+``eval`` forward at 224x224, batch 1, under ``torch.no_grad``, with MLLA on its plain path (the
+one CUDA runs: no CPU fused-inference path), counted by a ``TorchDispatchMode``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import timm
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import mlla  # noqa: F401  (registers the models)
+from mlla.checkpoint import atomic_save
+
+MODELS = ["mlla_tiny", "swin_tiny_patch4_window7_224", "convnext_tiny", "vit_small_patch16_224", "mambaout_tiny"]
+VIEWS = {"view", "_unsafe_view", "permute", "transpose", "t", "expand", "slice", "select", "unsqueeze", "squeeze",
+         "as_strided", "unbind", "split", "reshape", "alias", "detach"}
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(name: str, size: int = 224) -> Counter[str]:
+    """ATen operator calls of one eval forward of ``name`` at ``size`` x ``size``, batch 1."""
+    model = timm.create_model(name).eval()
+    if hasattr(model, "set_fused_inference"):
+        model.set_fused_inference(False)
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad(), _CountOps() as mode:
+        model(x)
+    return mode.counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--output-dir", default=str(Path(__file__).parent / "results" / "op_count"))
+    args = p.parse_args(argv)
+    rows = []
+    for name in args.models:
+        counts = count_ops(name)
+        views = sum(n for op, n in counts.items() if op in VIEWS)
+        rows.append(dict(model=name, ops=sum(counts.values()), views=views, compute_ops=sum(counts.values()) - views,
+                         top=dict(counts.most_common(12))))
+    lines = ["| model | ATen ops per forward | of which views | other ops |", "|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['ops']} | {r['views']} | {r['compute_ops']} |" for r in rows]
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save(lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)), out / "op_count.json")
+    atomic_save(lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"), out / "op_count.md")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
