@@ -12,8 +12,8 @@ image padded to a multiple of 32, as ``backbone`` is given it; 100 detections ke
 score threshold of 0 so that every backbone does the same work after the RPN). More parts (e.g.
 segmentation heads) are one entry in :data:`PARTS`. For each image size every (part, backbone)
 is warmed up, then timed in rounds ``A B C ...``; medians over the rounds. Peak memory: the
-growth of one call after a warm-up call, in a fresh process per entry (CUDA:
-``max_memory_allocated``; CPU: the resident set's high-water mark, ``VmHWM``).
+growth of one call after a warm-up call (CUDA: ``max_memory_allocated``, in this process; CPU:
+the resident set's high-water mark, ``VmHWM``, in a fresh process per entry).
 ``summary.md`` gives the ratios the issue asks about, computed from the same rows.
 
 On a GPU (``--device cuda``) MLLA runs its plain block path (BatchNorm still folded: the fused
@@ -111,7 +111,10 @@ def peak_memory_here(part: str, backbone: str, size: tuple[int, int], device: st
 
 
 def peak_memory(part: str, backbone: str, size: tuple[int, int], device: str, threads: int) -> float | None:
-    """:func:`peak_memory_here` in a fresh process (no other model's freed memory hides it)."""
+    """:func:`peak_memory_here`: on CUDA in this process (the allocator's own peak is exact, and no
+    CUDA start-up per entry); elsewhere in a fresh process (no other model's freed memory hides it)."""
+    if device.startswith("cuda"):
+        return peak_memory_here(part, backbone, size, device)
     if device == "cpu" and not Path("/proc/self/clear_refs").exists():
         return None
     payload = json.dumps(dict(part=part, backbone=backbone, size=list(size), device=device, threads=threads))
