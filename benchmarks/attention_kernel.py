@@ -19,7 +19,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -31,6 +30,7 @@ from mlla.benchmark import DTYPES, environment, time_call, time_interleaved
 from mlla.checkpoint import atomic_save
 from mlla.ops import attention_backend, rope_2d_head_tables
 from mlla.ops.mlla_attn import mlla_attention, mlla_attention_torch
+from mlla.ops.mlla_attn.backend import interpreter_requested
 
 #: MLLA-T: channels and heads of the four stages (head dim 32), stride of stage 1.
 STAGES = ((64, 2), (128, 4), (256, 8), (512, 16))
@@ -183,10 +183,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device (on a CPU: --device cpu with TRITON_INTERPRET=1)")
-    if not args.device.startswith("cuda") and not interpreted:
+    if not args.device.startswith("cuda") and not interpreter_requested():
         raise SystemExit("the kernel runs on CUDA; on the CPU set TRITON_INTERPRET=1 (Triton's interpreter: a logic check)")
     rows = run(args)
     write(rows, Path(args.output_dir))

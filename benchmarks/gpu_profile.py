@@ -34,6 +34,9 @@ from torch.profiler import ProfilerActivity, profile
 from mlla.benchmark import BenchmarkSpec, Variant, _prepare, environment, make_step, synchronize
 from mlla.checkpoint import atomic_save
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from op_count import VIEWS  # noqa: E402
+
 #: Kinds of kernel, first match wins: (kind, substrings of the lower-cased kernel name).
 KINDS = (
     ("fused attention (ours)", ("_kv_kernel", "_out_kernel", "_bwd_q_kernel", "_bwd_kv_kernel")),
@@ -46,9 +49,6 @@ KINDS = (
     ("elementwise / reduction", ("elementwise", "vectorized", "unrolled", "reduce", "gelu", "silu", "exp", "mul",
                                  "add", "div", "sum", "mean", "sin", "cos", "clamp", "reciprocal", "sub", "where")),
 )
-VIEWS = ("aten::view", "aten::_unsafe_view", "aten::permute", "aten::transpose", "aten::t", "aten::expand",
-         "aten::slice", "aten::select", "aten::unsqueeze", "aten::squeeze", "aten::as_strided", "aten::unbind",
-         "aten::split", "aten::reshape", "aten::alias", "aten::detach", "aten::chunk", "aten::contiguous")
 
 
 def kind_of(name: str) -> str:
@@ -62,7 +62,8 @@ def _kernels(prof: profile, device: torch.device) -> list[tuple[str, float]]:
     if device.type == "cuda":
         return [(e.name, e.time_range.elapsed_us()) for e in prof.events()
                 if e.device_type == torch.autograd.DeviceType.CUDA]
-    return [(e.name, e.self_cpu_time_total) for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEWS]
+    return [(e.name, e.self_cpu_time_total) for e in prof.events()
+            if e.name.startswith("aten::") and e.name.removeprefix("aten::") not in VIEWS]
 
 
 def profile_case(model_name: str, mode: str, attention: str, size: int, batch: int, dtype: str, device: torch.device,

@@ -24,8 +24,10 @@ import mlla  # noqa: F401  (registers the models)
 from mlla.checkpoint import atomic_save
 
 MODELS = ["mlla_tiny", "swin_tiny_patch4_window7_224", "convnext_tiny", "vit_small_patch16_224", "mambaout_tiny"]
+#: ATen operators that return views (no kernel launch on a GPU); ``chunk``, ``contiguous`` and
+#: ``reshape`` reach the profiler, not the dispatcher (their views or copies do).
 VIEWS = {"view", "_unsafe_view", "permute", "transpose", "t", "expand", "slice", "select", "unsqueeze", "squeeze",
-         "as_strided", "unbind", "split", "reshape", "alias", "detach"}
+         "as_strided", "unbind", "split", "reshape", "alias", "detach", "chunk", "contiguous"}
 
 
 class _CountOps(TorchDispatchMode):

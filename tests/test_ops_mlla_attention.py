@@ -14,6 +14,7 @@ import timm
 import torch
 
 import mlla  # noqa: F401  (registers the models)
+from mlla.benchmark import precision
 import mlla.ops.mlla_attn.backend as backend
 from mlla.ops import attention_backend, get_attention_backend, mlla_attention, rope_2d_head_tables, set_attention_backend
 from mlla.ops.mlla_attn import add_mlla_attention_, mlla_attention_naive, mlla_attention_torch, uses_kernel
@@ -56,10 +57,8 @@ def device():
 def strict_float32():
     """No TF32 in convolutions or matmuls for the test: on CUDA, cuDNN's TF32 default alone moves a
     model's first-layer gradients by about 1e-3 relative, whichever attention runs."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    with precision("fp32", torch.device("cuda")):
+        yield
 
 
 def test_pytorch_forms_equal_the_naive_reference_in_float64():

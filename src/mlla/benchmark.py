@@ -176,13 +176,12 @@ def _uses_mlla_attention(name: str) -> bool:
 def _check_attention_backends(names: Sequence[str], device: str) -> None:
     """Refuse attention backends that cannot run: unknown names, or the kernel without CUDA (or
     without Triton's CPU interpreter, ``TRITON_INTERPRET=1``)."""
-    from .ops.mlla_attn import BACKENDS
+    from .ops.mlla_attn.backend import BACKENDS, interpreter_requested
 
     for name in names:
         if name not in BACKENDS:
             raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
-    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if "triton" in names and not (device.startswith("cuda") or interpreted):
+    if "triton" in names and not (device.startswith("cuda") or interpreter_requested()):
         raise ValueError("attention backend 'triton' runs on CUDA (--device cuda), or on the CPU only under "
                          "TRITON_INTERPRET=1 (Triton's interpreter, for checks, not speed)")
 

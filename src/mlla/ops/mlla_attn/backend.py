@@ -34,7 +34,10 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["BACKENDS", "attention_backend", "fused_attention", "get_attention_backend", "set_attention_backend", "uses_kernel"]
+__all__ = [
+    "BACKENDS", "attention_backend", "fused_attention", "get_attention_backend", "interpreter_requested",
+    "set_attention_backend", "uses_kernel",
+]
 
 BACKENDS = ("torch", "triton", "auto")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -53,6 +56,11 @@ _state = _State()
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+def interpreter_requested() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (set, and not ``0``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def triton_available() -> bool:
     """Whether Triton can be imported (looked up once, at import; monkeypatched by the tests)."""
     return _HAS_TRITON
@@ -69,7 +77,7 @@ def set_attention_backend(name: str) -> None:
             "which falls back to the PyTorch form"
         )
     _state.backend, _state.warned = name, False
-    _state.interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    _state.interpreted = interpreter_requested()
 
 
 def fused_attention() -> Callable:

@@ -29,11 +29,11 @@ operands are multiplied in float32.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .backend import interpreter_requested
 
 __all__ = ["backward", "forward", "interpreted"]
 
@@ -41,9 +41,7 @@ __all__ = ["backward", "forward", "interpreted"]
 def interpreted() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; older ones read the variable itself
-    if knobs is None:
-        return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    return bool(knobs.runtime.interpret)
+    return interpreter_requested() if knobs is None else bool(knobs.runtime.interpret)
 
 
 @triton.jit
