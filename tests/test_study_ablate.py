@@ -202,7 +202,8 @@ def test_adding_a_seed_trains_only_the_new_runs_and_changed_data_is_refused(tmp_
 def test_wall_time_after_sigkill_includes_the_lost_part(tmp_path, caplog) -> None:
     out = tmp_path / "study"
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("epochs: 8\nbatch_size: 16\nsave_every_steps: 1\nwarmup_epochs: 0\n")
+    # Enough epochs that the run cannot finish in the seconds before the kill, even on an idle machine.
+    recipe.write_text("epochs: 40\nbatch_size: 16\nsave_every_steps: 1\nwarmup_epochs: 0\n")
     args = ["ablate", "--output", str(out), "--variants", "ablation_baseline", "--seeds", "0", *TINY_ARGS,
             "--config", str(recipe), "--train-per-class", "8", "--val-per-class", "1", "--bench-rounds", "1",
             "--no-progress"]
