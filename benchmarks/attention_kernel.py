@@ -7,16 +7,18 @@ memory bandwidth against the card's peak.
 
 A case ``SIZE:BATCH`` runs the four stages of an MLLA-T image of ``SIZE x SIZE`` pixels (grids
 SIZE/4 .. SIZE/32, heads 2-4-8-16 of dim 32); every form of a (case, stage, dtype, pass) is
-timed interleaved in rounds, medians reported. Bandwidth: the bytes a single pass over the
-tensors must move (forward: read q, k, v, write the output; backward adds: read q, k, v and the
-output's gradient, write their gradients; RoPE tables once), divided by the median time; against
-the card's nominal peak (``--peak-gbs``, or a known card's data sheet) and against a measured
+timed interleaved in rounds, medians reported; the fused kernel gets the grid's width, as the
+model passes it. Bandwidth: the bytes a single pass over the tensors must move (forward: read q,
+k, v, write the output; backward adds: read q, k, v and the output's gradient, write their
+gradients; the RoPE tables' distinct angles once), divided by the median time; against the
+card's nominal peak (``--peak-gbs``, or a known card's data sheet) and against a measured
 device-to-device copy. Writes ``attention_kernel.csv``, ``.json`` and ``.md`` to ``--output-dir``.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import statistics
@@ -37,7 +39,9 @@ STAGES = ((64, 2), (128, 4), (256, 8), (512, 16))
 #: Nominal memory bandwidth (GB/s) of data-center cards, from their data sheets; matched by name.
 PEAK_GBS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "A100-SXM4-80GB": 2039.0,
             "A100-SXM4-40GB": 1555.0, "A100 80GB PCIe": 1935.0, "L40S": 864.0, "A10": 600.0, "L4": 300.0}
-FORMS = ("torch", "torch_compiled", "fused")
+#: ``fused_b64``: the kernel with 64-token blocks in its token-block passes (CUDA only; the default is
+#: ``kernel.TOKEN_BLOCK_N_GPU``), to compare the setting in the same rounds.
+FORMS = ("torch", "torch_compiled", "fused", "fused_b64")
 COLUMNS = ["case", "stage", "grid", "tokens", "batch", "heads", "dtype", "pass", "form", "ms", "ms_min", "ms_max",
            "gbytes", "gbs", "pct_peak", "pct_copy", "speedup_vs_torch", "max_rel_err_vs_torch", "rounds", "calls",
            "device", "gpu", "torch"]
@@ -71,26 +75,39 @@ def stage_inputs(batch: int, grid: tuple[int, int], dim: int, heads: int, dtype:
     return qk, v, cos, sin
 
 
-def pass_bytes(qk: torch.Tensor, cos: torch.Tensor, backward: bool) -> int:
-    """Bytes a single pass must move: activations in the input dtype, the RoPE tables once."""
+def pass_bytes(qk: torch.Tensor, cos: torch.Tensor, grid: tuple[int, int], backward: bool) -> int:
+    """Bytes a single pass must move: activations in the input dtype, and the distinct angles of the
+    RoPE tables once (their first column and first row, ``H + W`` of their ``N`` rows: every angle
+    of a 2-d RoPE table is a row's or a column's, which the fused kernel reads given the width)."""
     act = qk.numel() // 2 * qk.element_size()  # one (B, N, C) tensor
-    tables = 2 * cos.numel() * cos.element_size()
+    tables = 2 * cos.shape[0] * (grid[0] + grid[1]) * cos.shape[2] * cos.element_size()
     return (4 + (8 if backward else 0)) * act + tables  # fwd: q, k, v, out; bwd: q, k, v, dout, dq, dk, dv, +out
 
 
 def make_call(form: str, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
-              compiled: Callable | None) -> Callable[[], torch.Tensor]:
-    fn = {"torch": mlla_attention_torch, "torch_compiled": compiled, "fused": mlla_attention}[form]
+              compiled: Callable | None, width: int) -> Callable[[], torch.Tensor]:
+    """One call of ``form``; the fused kernel gets the grid's ``width``, as the model passes it."""
+    fused = functools.partial(mlla_attention, width=width)
+
+    def fused_b64(*args):
+        from mlla.ops.mlla_attn import kernel
+
+        default, kernel.TOKEN_BLOCK_N_GPU = kernel.TOKEN_BLOCK_N_GPU, 64
+        try:
+            return fused(*args)
+        finally:
+            kernel.TOKEN_BLOCK_N_GPU = default
+    fn = {"torch": mlla_attention_torch, "torch_compiled": compiled, "fused": fused, "fused_b64": fused_b64}[form]
     if not backward:
         def call() -> torch.Tensor:
-            with torch.no_grad(), attention_backend("triton" if form == "fused" else "torch"):
+            with torch.no_grad(), attention_backend("triton" if form.startswith("fused") else "torch"):
                 return fn(qk, v, cos, sin)
         return call
     qk_g, v_g = qk.detach().requires_grad_(), v.detach().requires_grad_()
     grad = torch.randn(qk.shape[0], qk.shape[1], qk.shape[3], qk.shape[4], device=qk.device, dtype=qk.dtype)
 
     def call() -> torch.Tensor:
-        with attention_backend("triton" if form == "fused" else "torch"):
+        with attention_backend("triton" if form.startswith("fused") else "torch"):
             out = fn(qk_g, v_g, cos, sin)
         out.backward(grad)
         qk_g.grad = v_g.grad = None
@@ -103,7 +120,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     env = environment(args.device)
     peak = nominal_peak_gbs(device, args.peak_gbs)
     copy = copy_gbs(device, args.copy_mib)
-    forms = [f for f in FORMS if f != "torch_compiled" or args.compile]
+    forms = [f for f in FORMS if (f != "torch_compiled" or args.compile) and (f != "fused_b64" or device.type == "cuda")]
     compiled = torch.compile(mlla_attention_torch, dynamic=True) if args.compile else None
     rows: list[dict[str, Any]] = []
     for case in args.cases:
@@ -114,13 +131,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 dtype = DTYPES[dtype_name]
                 qk, v, cos, sin = stage_inputs(batch, grid, dim, heads, dtype, device)
                 with torch.no_grad(), attention_backend("triton"):
-                    err = ((mlla_attention(qk, v, cos, sin).double() - mlla_attention_torch(qk, v, cos, sin).double()).abs().max()
+                    err = ((mlla_attention(qk, v, cos, sin, width=grid[1]).double() - mlla_attention_torch(qk, v, cos, sin).double()).abs().max()
                            / mlla_attention_torch(qk, v, cos, sin).double().abs().max()).item()
                 for backward in (False, True):
-                    calls = {f: make_call(f, qk, v, cos, sin, backward, compiled) for f in forms}
+                    calls = {f: make_call(f, qk, v, cos, sin, backward, compiled, grid[1]) for f in forms}
                     times, per_round = time_interleaved(calls, device, rounds=args.rounds, warmup=args.warmup,
                                                 min_round_s=args.min_round_s)
-                    gbytes = pass_bytes(qk, cos, backward) / 1e9
+                    gbytes = pass_bytes(qk, cos, grid, backward) / 1e9
                     base = statistics.median(times["torch"])
                     for f in forms:
                         median = statistics.median(times[f])
@@ -130,7 +147,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                             batch=batch, heads=heads, dtype=dtype_name, **{"pass": "fwd+bwd" if backward else "fwd"}, form=f,
                             ms=1e3 * median, ms_min=1e3 * min(times[f]), ms_max=1e3 * max(times[f]), gbytes=gbytes, gbs=gbs,
                             pct_peak=None if peak is None else 100 * gbs / peak, pct_copy=100 * gbs / copy,
-                            speedup_vs_torch=base / median, max_rel_err_vs_torch=err if f == "fused" else 0.0,
+                            speedup_vs_torch=base / median, max_rel_err_vs_torch=err if f.startswith("fused") else 0.0,
                             rounds=args.rounds, calls=per_round[f], device=env["device"], gpu=env.get("gpu", env["cpu"]),
                             torch=env["torch"],
                         ))

@@ -70,7 +70,7 @@ def profile_case(model_name: str, mode: str, attention: str, size: int, batch: i
                  warmup: int, calls: int) -> dict[str, Any]:
     """Profile ``calls`` calls of one case; figures per call."""
     spec = BenchmarkSpec([model_name], mode=mode, device=str(device), fuse=mode == "infer")
-    model, x = _prepare(Variant(model_name, dtype, False, attention), spec, (size, size), batch, device)
+    model, x = _prepare(Variant(model_name, dtype, "eager", attention), spec, (size, size), batch, device)
     step = make_step(model, x, dtype, mode, attention)
     for _ in range(warmup):
         step()

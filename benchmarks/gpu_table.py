@@ -43,7 +43,8 @@ def load(results: Path = RESULTS) -> dict:
                 kernel=read_csv(results / "attention_kernel" / "attention_kernel.csv"),
                 dense=read_csv(results / "dense_mask_rcnn" / "results.csv"),
                 upernet=read_csv(results / "dense_upernet" / "results.csv"))
-    for step in ("train_224", "infer_224", "backbone_hires", "infer_224_precisions", "train_224_compiled", "infer_224_compiled"):
+    for step in ("train_224", "infer_224", "backbone_hires", "infer_224_precisions", "train_224_compiled", "infer_224_compiled",
+                 "train_224_graphs", "infer_224_graphs"):
         data[step] = read_csv(results / step / "results.csv")
     return data
 
@@ -67,8 +68,10 @@ def _speed(row: dict) -> float:
     return float(row["img_per_s"])
 
 
-def targets(d: dict) -> list[tuple[str, str, float | None, bool | None]]:
-    """(target, what is compared, measured ratio, met) for each of issue 17's targets; None where not measured."""
+def targets(d: dict, backend: str = "eager") -> list[tuple[str, str, float | None, bool | None]]:
+    """(target, what is compared, measured ratio, met) for each of issue 17's targets; None where not
+    measured. The targets are eager-mode figures; ``backend="cudagraph"`` gives the training and
+    inference comparisons with every model replayed from CUDA graphs instead."""
     out: list[tuple[str, str, float | None, bool | None]] = []
 
     def add(target: str, what: str, ratio: float | None, threshold: float, higher: bool = True) -> None:
@@ -87,7 +90,8 @@ def targets(d: dict) -> list[tuple[str, str, float | None, bool | None]]:
     add("attention kernel >= 60% of the card's memory bandwidth (fwd, 1024^2 stage 1, bf16)",
         f"{float(stage1['gbs']):.0f} GB/s" if stage1 else "-", float(pct) / 100 if pct else None, 0.6)
 
-    train = d["train_224"]
+    graphs = backend == "cudagraph"
+    train = [r for r in d["train_224_graphs" if graphs else "train_224"] if r["backend"] == backend]
     mine, torch_path = _find(train, model=OURS, attention="triton", dtype="bf16"), _find(train, model=OURS, attention="torch", dtype="bf16")
     add("MLLA-T train step (bf16, batch 128, 224) >= 1.3x our PyTorch path", "fused / PyTorch attention",
         _speed(mine) / _speed(torch_path) if mine and torch_path else None, 1.3)
@@ -97,7 +101,7 @@ def targets(d: dict) -> list[tuple[str, str, float | None, bool | None]]:
     add("MLLA-T peak training memory (batch 128) <= Swin-T's", "MLLA-T / Swin-T MiB",
         float(ours["peak_mem_mib"]) / float(swin["peak_mem_mib"]) if mem else None, 1.0, higher=False)
 
-    infer = d["infer_224"]
+    infer = [r for r in d["infer_224_graphs" if graphs else "infer_224"] if r["backend"] == backend]
     batches = sorted({int(r["batch"]) for r in infer})
     for batch in batches:
         ours = _ours(infer, dtype="bf16", batch=batch)
@@ -137,6 +141,13 @@ def render(d: dict) -> str:
     machine = m["machine"]
     lines = [f"Measured on {machine.get('gpu', '?')} (torch {machine.get('torch', '?')}, Triton {machine.get('triton', '?')}), "
              f"{m['started']}, by `python benchmarks/gpu_all.py`; this section by `benchmarks/gpu_table.py`.", ""]
+    if len(m.get("calls", [])) > 1:  # merged from several calls (gpu_all.py --merge): which step came from which
+        by_call = {}
+        for step in m["steps"]:
+            if not step["status"].startswith("skipped"):
+                by_call.setdefault(step.get("call", 1), []).append(step["name"])
+        lines += ["Merged from " + "; ".join(f"call {n} ({c['started']}): {', '.join(by_call.get(n, [])) or 'nothing kept'}"
+                                             for n, c in enumerate(m["calls"], 1)) + ".", ""]
     if m.get("dry"):
         lines += ["**Dry run (tiny settings on a CPU): these are not GPU figures.**", ""]
     missing = [f"{s['name']} ({s['status']})" for s in m["steps"] if s["status"] != "ok"]
@@ -149,17 +160,28 @@ def render(d: dict) -> str:
                      f"{'not measured' if met is None else 'yes' if met else '**no**'} |")
     losses = [t for t, _, r, met in rows if met is False]
     lines += ["", "Targets MLLA-T misses: " + ("; ".join(losses) if losses else "none") + ".", ""]
-    kernel = [r for r in d["kernel"] if r["form"] == "fused"]
+    graphed = [(t, w, r, met) for t, w, r, met in targets(d, "cudagraph") if ("train" in t or "inference" in t) and r is not None]
+    if graphed:
+        lines += ["The same training and inference comparisons with every model replayed from a CUDA graph (backend "
+                  "`cudagraph`: what the GPU does once the CPU's launch cost is gone; not how the targets are set):", "",
+                  "| comparison | compared | ratio | would meet |", "|---|---|---|---|"]
+        lines += [f"| {t} | {w} | {r:.2f} | {'yes' if met else '**no**'} |" for t, w, r, met in graphed]
+        lines.append("")
+    kernel = [r for r in d["kernel"] if r["form"].startswith("fused")]
     if kernel:
-        lines += ["**Attention alone** (`benchmarks/attention_kernel.py`): the fused kernel against the PyTorch form, eager", "",
-                  "| case | stage | grid | dtype | pass | ms | GB/s | % peak | vs PyTorch |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["**Attention alone** (`benchmarks/attention_kernel.py`): the fused kernel against the PyTorch form, eager"
+                  + (" (`fused_b64`: 64-token blocks in the token-block passes instead of the default)"
+                     if any(r["form"] == "fused_b64" for r in kernel) else ""), "",
+                  "| case | stage | grid | dtype | pass | form | ms | GB/s | % peak | vs PyTorch |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in kernel:
             pct = f"{float(r['pct_peak']):.0f}" if r.get("pct_peak") else "-"
-            lines.append(f"| {r['case']} | {r['stage']} | {r['grid']} | {r['dtype']} | {r['pass']} | {float(r['ms']):.3f} "
+            lines.append(f"| {r['case']} | {r['stage']} | {r['grid']} | {r['dtype']} | {r['pass']} | {r['form']} | {float(r['ms']):.3f} "
                          f"| {float(r['gbs']):.0f} | {pct} | {float(r['speedup_vs_torch']):.2f}x |")
         lines.append("")
-    lines += _benchmark_table(d["train_224"] + d["train_224_compiled"], "Training step (forward + backward)")
-    lines += _benchmark_table(d["infer_224"] + d["infer_224_precisions"] + d["infer_224_compiled"], "Inference, 224")
+    lines += _benchmark_table(d["train_224"] + d["train_224_graphs"] + d["train_224_compiled"], "Training step (forward + backward)")
+    lines += _benchmark_table(d["infer_224"] + d["infer_224_graphs"] + d["infer_224_precisions"] + d["infer_224_compiled"],
+                              "Inference, 224")
     lines += _benchmark_table(d["backbone_hires"], "Backbone (features), high resolution")
     dense = [*d["dense"], *d["upernet"]]
     if dense:

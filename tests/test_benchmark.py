@@ -61,7 +61,8 @@ def test_training_step_mode_counts_three_forward_passes():
 def test_bad_spec_errors():
     for kwargs, match in [(dict(models=["no_such_model"]), "unknown model"), (dict(dtypes=["fp8"]), "dtype"),
                           (dict(backends=["jit"]), "backend"), (dict(task="seg"), "task"),
-                          (dict(allocator="jemalloc"), "allocator")]:
+                          (dict(allocator="jemalloc"), "allocator"),
+                          (dict(backends=["eager", "cudagraph"]), "use it with --device cuda")]:
         spec = bench.BenchmarkSpec(**{"models": ["test_mlla"], **kwargs})
         with pytest.raises(ValueError, match=match):
             spec.validate()
@@ -156,3 +157,13 @@ def test_readme_table_names_every_group_where_mlla_is_not_the_fastest():
     assert "eager: MLLA-T is 2 of 2, at 0.90x the speed of ConvNeXt-T." in text
     assert "compile: MLLA-T" not in text
     assert "| default | classification | 224x224 | 32 | compile | MLLA-T | 12.00 | 1 | - | 1 of 2 |" in text
+
+
+def test_cudagraph_backend_is_labelled_and_refused_off_cuda():
+    """Rows and labels name the backend; capturing a graph needs CUDA, so on a CPU the step is refused."""
+    spec = bench.BenchmarkSpec(["test_mlla"], backends=["eager", "compile", "cudagraph"], device="cuda")
+    labels = [v.label for v in spec.variants()]
+    assert labels == ["test_mlla fp32", "test_mlla fp32 compiled", "test_mlla fp32 cuda-graph"]
+    model = bench.build_model("test_mlla", (32, 32))
+    with pytest.raises(ValueError, match="cudagraph"):
+        bench.make_step(model, torch.randn(1, 3, 32, 32), "fp32", "infer", backend="cudagraph")

@@ -30,18 +30,23 @@ def test_plan_measures_the_kernel_first_and_compiles_last(tmp_path):
     gpu_all = _module("gpu_all")
     steps = gpu_all.plan("cuda", False, tmp_path)
     names = [s.name for s in steps]
-    assert names[:2] == ["kernel_tests", "attention_kernel"] and names[-2:] == ["infer_224_compiled", "train_224_compiled"]
+    assert names[:3] == ["kernel_smoke", "kernel_tests", "attention_kernel"]
+    assert names[-2:] == ["infer_224_compiled", "train_224_compiled"]
     for s in steps:
-        if "benchmark" in s.argv:
+        if "benchmark" in s.argv and s.name != "train_224_compiled":  # compiled training: the kernel only
             assert s.argv[s.argv.index("--attention-backends") + 1:][:2] == ["torch", "triton"]
             assert s.argv[s.argv.index("--device") + 1] == "cuda" and str(tmp_path / s.name) in s.argv
     train = next(s for s in steps if s.name == "train_224").argv
-    assert "128" in train and {"bf16", "fp32", "tf32"} <= set(train) and "mambaout_tiny" in train
-    assert names[2] == "gpu_profile"
-    assert sum(s.timeout_s for s in steps if "compiled" not in s.name) < 800  # the budget (480 s) cuts the rest
+    assert "128" in train and "bf16" in train and "mambaout_tiny" in train
+    for name in ("train_224_graphs", "infer_224_graphs"):  # every model replayed from CUDA graphs, in its own step
+        argv = next(s for s in steps if s.name == name).argv
+        assert argv[argv.index("--backends") + 1] == "cudagraph" and "mambaout_tiny" in argv
+    assert names.index("infer_224") < names.index("train_224_graphs") < names.index("gpu_profile") < names.index("dense_mask_rcnn")
+    assert sum(s.timeout_s for s in steps if "compiled" not in s.name) < 900  # the budget (480 s) cuts the rest
     dry = gpu_all.plan("cpu", True, tmp_path)
     assert not any("compiled" in s.name for s in dry) and all("triton" not in s.argv for s in dry)
-    assert {s.name for s in dry if s.env.get("TRITON_INTERPRET") == "1"} == {"kernel_tests", "attention_kernel"}
+    assert all("cudagraph" not in s.argv for s in dry)  # CUDA graphs need CUDA
+    assert {s.name for s in dry if s.env.get("TRITON_INTERPRET") == "1"} == {"kernel_smoke", "kernel_tests", "attention_kernel"}
     with pytest.raises(SystemExit, match="add --dry"):
         gpu_all.main(["--device", "cpu"])
     with pytest.raises(SystemExit, match="pass --output-dir"):
@@ -102,10 +107,17 @@ def test_run_records_every_step_and_keeps_to_the_budget(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "manifest.json").read_text())["steps"] == manifest["steps"]
     manifest = gpu_all.run(steps[:1], tmp_path, budget_s=10, device="cpu", dry=True)  # 10 s left < 30 s needed
     assert manifest["steps"][0]["status"] == "skipped: out of time"
+    # A kernel that fails its smoke test costs its own rows only: later steps run without it.
+    steps = [gpu_all.Step("kernel_smoke", [py, "-c", "raise SystemExit(1)"], 30),
+             gpu_all.Step("bench", [py, "-c", "import sys; print(sys.argv[1:])", "--attention-backends", "torch", "triton"], 30)]
+    manifest = gpu_all.run(steps, tmp_path, budget_s=100, device="cpu", dry=True)
+    assert "failed" in manifest["steps"][0]["status"] and "without the 'triton'" in manifest["steps"][0]["note"]
+    assert (tmp_path / "logs" / "bench.log").read_text().strip() == "['--attention-backends', 'torch']"
 
 
-def _bench_row(model, img_per_s, peak=None, attention="torch", dtype="bf16", batch=128, height=224, mode="train", task="cls"):
-    return dict(model=model, task=task, mode=mode, dtype=dtype, backend="eager", attention=attention, height=height,
+def _bench_row(model, img_per_s, peak=None, attention="torch", dtype="bf16", batch=128, height=224, mode="train", task="cls",
+               backend="eager"):
+    return dict(model=model, task=task, mode=mode, dtype=dtype, backend=backend, attention=attention, height=height,
                 width=height, batch=batch, img_per_s=img_per_s, ms_per_batch=1e3 * batch / img_per_s, peak_mem_mib=peak,
                 achieved_gflops=None, pct_of_peak=None)
 
@@ -135,6 +147,16 @@ def test_gpu_table_checks_every_target_from_the_files(tmp_path):
     assert rows["2048^2 backbone (bf16, batch 1) ahead of Swin-T"] == (None, None)  # not measured: said so
     assert "| 2048^2 backbone peak memory below ConvNeXt-T's | MLLA-T / ConvNeXt-T MiB | 1.33 | **no** |" in text
     assert "Targets MLLA-T misses: 2048^2 backbone peak memory below ConvNeXt-T's; MLLA-T backbone time" in text
+    assert "replayed from a CUDA graph" not in text  # no graph step ran: no such comparison
+    # The graph step's rows give the same comparisons, apart from the targets (which are eager).
+    write_results([_bench_row("mlla_tiny", 2000, 900, attention="triton", backend="cudagraph"),
+                   _bench_row(swin, 2500, 1000, backend="cudagraph")], tmp_path / "train_224_graphs", plot=False)
+    graphed = {t: (ratio, met) for t, _, ratio, met in table.targets(table.load(tmp_path), "cudagraph")}
+    assert graphed["MLLA-T train step ahead of Swin-T"] == (0.8, False)
+    assert table.targets(table.load(tmp_path)) == table.targets(table.load(tmp_path), "eager")
+    text = table.render(table.load(tmp_path))
+    assert "| MLLA-T train step ahead of Swin-T | MLLA-T / Swin-T img/s | 0.80 | **no** |" in text
+    assert "| MLLA-T train step ahead of Swin-T | MLLA-T / Swin-T img/s | 1.25 | yes |" in text
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n{table.BEGIN}\nold\n{table.END}\nrest\n")
     assert table.main(["--results", str(tmp_path), "--readme", str(readme), "--check"]) == 1

@@ -157,3 +157,17 @@ def test_timm_factory_keywords_device_and_dtype():
     assert model.head.fc.weight.dtype == torch.float64
     with pytest.raises(TypeError):
         timm.create_model("test_mlla", device="meta", not_a_model_arg=1)
+
+
+def test_meta_device_model_loads_weights_and_rebuilds_its_buffers():
+    """Built on the meta device, materialised with ``to_empty``, given a state dict: the same model once
+    the non-persistent buffers (the CPE's identity kernels) are rebuilt, as timm's helper does."""
+    from timm.models._manipulate import reinit_non_persistent_buffers
+
+    reference = timm.create_model("test_mlla").eval()
+    model = timm.create_model("test_mlla", device="meta").to_empty(device="cpu").eval()
+    model.load_state_dict(reference.state_dict())
+    assert reinit_non_persistent_buffers(model)  # names the modules it rebuilt
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))

@@ -6,6 +6,7 @@ conftest.py); with one, the same tests run it on the GPU.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -76,18 +77,20 @@ def test_pytorch_forms_equal_the_naive_reference_in_float64():
 
 @needs_triton
 @pytest.mark.parametrize("heads, grid", HEADS_AND_GRIDS)
-def test_kernel_equals_pytorch_form_fp32_and_within_its_bf16_error(device, heads, grid):
+@pytest.mark.parametrize("separable", [False, True], ids=["full-tables", "first-row-and-column"])
+def test_kernel_equals_pytorch_form_fp32_and_within_its_bf16_error(device, heads, grid, separable):
     qk, v, cos, sin = _inputs(heads, grid, device=device)
     assert uses_kernel(qk, v, cos)
+    width = grid[1] if separable else None  # given the width, the kernel reads the tables' first row and column only
     ref64 = mlla_attention_naive(qk.double(), v.double(), cos.double(), sin.double())
-    out = mlla_attention(qk, v, cos, sin)
+    out = mlla_attention(qk, v, cos, sin, width=width)
     assert out.dtype == torch.float32 and out.shape == ref64.shape
     assert _rel_err(out, mlla_attention_torch(qk, v, cos, sin).double()) <= 1e-5
     # bfloat16 inputs (as under autocast): within twice the PyTorch form's own bfloat16 error, or two
     # bfloat16 rounding units (a 1x1 grid's output is v itself, rounded once by the form, twice by the kernel).
     qk16, v16 = qk.bfloat16(), v.bfloat16()
     ref64 = mlla_attention_naive(qk16.double(), v16.double(), cos.double(), sin.double())
-    out16 = mlla_attention(qk16, v16, cos, sin)
+    out16 = mlla_attention(qk16, v16, cos, sin, width=width)
     assert out16.dtype == torch.bfloat16
     assert _rel_err(out16, ref64) <= max(2 * _rel_err(mlla_attention_torch(qk16, v16, cos, sin), ref64), 2 ** -7)
 
@@ -98,7 +101,8 @@ def test_kernel_equals_pytorch_form_fp32_and_within_its_bf16_error(device, heads
     (1, (6, 5), 16, torch.float32),  # head dim 16 (test_mlla's first stages): blocks padded
     (2, (7, 9), 32, torch.float16),
 ])
-def test_kernel_gradients_match_float64(device, heads, grid, head_dim, dtype):
+@pytest.mark.parametrize("separable", [False, True], ids=["full-tables", "first-row-and-column"])
+def test_kernel_gradients_match_float64(device, heads, grid, head_dim, dtype, separable):
     qk, v, cos, sin = _inputs(heads, grid, batch=2, head_dim=head_dim, dtype=dtype, device=device)
     grad_out = torch.randn(qk.shape[0], qk.shape[1], heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device)
     qk64, v64 = qk.double().requires_grad_(), v.double().requires_grad_()
@@ -108,7 +112,7 @@ def test_kernel_gradients_match_float64(device, heads, grid, head_dim, dtype):
         qk_, v_ = qk.clone().requires_grad_(), v.clone().requires_grad_()
         return torch.autograd.grad(fn(qk_, v_, cos, sin), (qk_, v_), grad_out.to(dtype))
 
-    kernel = grads(mlla_attention)
+    kernel = grads(functools.partial(mlla_attention, width=grid[1] if separable else None))
     with attention_backend("torch"):
         pytorch = grads(mlla_attention)
     # Errors relative to the largest gradient of either input (on a 1x1 grid the output depends on q

@@ -51,6 +51,7 @@ from .runtime import retain_freed_memory, trim_freed_memory
 K = TypeVar("K")
 
 __all__ = [
+    "BACKENDS",
     "BenchmarkSpec",
     "Variant",
     "apply_allocator",
@@ -92,19 +93,25 @@ def parse_size(text: str) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
+#: How a model runs: PyTorch's eager mode, ``torch.compile`` (inductor), or eager mode replayed
+#: from one captured CUDA graph per call (no CPU launch cost; CUDA only).
+BACKENDS = ("eager", "compile", "cudagraph")
+
+
 @dataclass(frozen=True)
 class Variant:
-    """One timed entry of a group: a model in a dtype, eager or compiled."""
+    """One timed entry of a group: a model in a dtype and a :data:`BACKENDS` mode."""
 
     model: str
     dtype: str = "fp32"
-    compiled: bool = False
+    backend: str = "eager"
     attention: str = "torch"  # mlla.ops attention backend (MLLA models)
 
     @property
     def label(self) -> str:
         attention = f" {self.attention}-attention" if self.attention != "torch" else ""
-        return f"{self.model} {self.dtype}{' compiled' if self.compiled else ''}{attention}"
+        mode = {"eager": "", "compile": " compiled", "cudagraph": " cuda-graph"}[self.backend]
+        return f"{self.model} {self.dtype}{mode}{attention}"
 
 
 @dataclass
@@ -136,8 +143,10 @@ class BenchmarkSpec:
             if d not in DTYPES:
                 raise ValueError(f"unknown dtype {d!r}; choose from {sorted(DTYPES)}")
         for b in self.backends:
-            if b not in ("eager", "compile"):
-                raise ValueError(f"unknown backend {b!r}; choose 'eager' or 'compile'")
+            if b not in BACKENDS:
+                raise ValueError(f"unknown backend {b!r}; choose from {BACKENDS}")
+        if "cudagraph" in self.backends and not self.device.startswith("cuda"):
+            raise ValueError("backend 'cudagraph' replays CUDA graphs: use it with --device cuda")
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; choose from {TASKS}")
         if self.mode not in MODES:
@@ -161,7 +170,7 @@ class BenchmarkSpec:
 
     def variants(self) -> list[Variant]:
         return [
-            Variant(m, d, b == "compile", a) for m in self.models for d in self.dtypes for b in self.backends
+            Variant(m, d, b, a) for m in self.models for d in self.dtypes for b in self.backends
             for a in (self.attention_backends if _uses_mlla_attention(m) else ("torch",))
         ]
 
@@ -271,29 +280,55 @@ def _reduce(out: Any) -> torch.Tensor:
     return sum(o.float().mean() for o in outs)
 
 
-def make_step(model: nn.Module, x: torch.Tensor, dtype: str, mode: str, attention: str = "torch") -> Callable[[], None]:
+def make_step(model: nn.Module, x: torch.Tensor, dtype: str, mode: str, attention: str = "torch",
+              backend: str = "eager") -> Callable[[], None]:
     """One inference call, or one training step (forward, backward) for ``mode='train'``, in
-    ``dtype``'s :func:`precision` and with MLLA's attention backend ``attention``."""
+    ``dtype``'s :func:`precision` and with MLLA's attention backend ``attention``; for backend
+    ``"cudagraph"``, the replay of that call captured once in a CUDA graph."""
     from .ops import attention_backend
 
     device_type = x.device.type
-    autocast = (
-        torch.autocast(device_type, dtype=DTYPES[dtype]) if DTYPES[dtype] != torch.float32 else contextlib.nullcontext()
-    )
+    cache = backend != "cudagraph"  # autocast's weight-cast cache must not outlive a graph capture
+
+    def autocast():
+        if DTYPES[dtype] == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=DTYPES[dtype], cache_enabled=cache)
 
     if mode == "train":
         def step() -> None:
             with precision(dtype, x.device), attention_backend(attention):
-                with autocast:
+                with autocast():
                     loss = _reduce(model(x))
                 loss.backward()
-            for p in model.parameters():
-                p.grad = None
+            if cache:
+                for p in model.parameters():
+                    p.grad = None
     else:
         def step() -> None:
-            with torch.no_grad(), autocast, precision(dtype, x.device), attention_backend(attention):
+            with torch.no_grad(), autocast(), precision(dtype, x.device), attention_backend(attention):
                 model(x)
-    return step
+    return _capture(step, model, x.device) if backend == "cudagraph" else step
+
+
+def _capture(step: Callable[[], None], model: nn.Module, device: torch.device) -> Callable[[], None]:
+    """``step`` captured in one CUDA graph (after warm-up calls on a side stream, as PyTorch's
+    whole-network capture recipe does); returns the graph's replay. Gradients live in the graph's
+    memory: each replay overwrites them, as a step that frees them first would recompute them."""
+    if device.type != "cuda":
+        raise ValueError("backend 'cudagraph' replays CUDA graphs: use it with --device cuda")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):  # lazy initialisation, kernel compilation and autotuning happen here
+            step()
+            for p in model.parameters():
+                p.grad = None
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def synchronize(device: torch.device) -> None:
@@ -357,7 +392,7 @@ def _prepare(variant: Variant, spec: BenchmarkSpec, size: tuple[int, int], batch
         target.set_fused_inference(False)
     model = model.to(device).train(spec.mode == "train")
     x = torch.randn(batch, 3, *size, device=device)
-    if variant.compiled:
+    if variant.backend == "compile":
         model = torch.compile(model)
     return model, x
 
@@ -382,7 +417,7 @@ def run_benchmark(spec: BenchmarkSpec, progress: bool = True) -> list[dict[str, 
         desc = f"{spec.task} {spec.mode} {size[0]}x{size[1]} batch {batch}"
         for variant in tqdm(variants, desc=f"warm-up {desc}", disable=not progress, leave=False):
             model, x = _prepare(variant, spec, size, batch, device)
-            steps[variant.label] = make_step(model, x, variant.dtype, spec.mode, variant.attention)
+            steps[variant.label] = make_step(model, x, variant.dtype, spec.mode, variant.attention, variant.backend)
         times, calls = time_interleaved(steps, device, rounds=spec.rounds, warmup=spec.warmup, min_round_s=spec.min_round_s,
                                         progress=progress, desc=f"rounds {desc}")
         peaks = {dt: 2 * spec.matmul_size**3 / statistics.median(times[f"matmul {dt}"]) / 1e9 for dt in spec.dtypes}
@@ -397,7 +432,7 @@ def run_benchmark(spec: BenchmarkSpec, progress: bool = True) -> list[dict[str, 
                 task=spec.task,
                 mode=spec.mode,
                 dtype=variant.dtype,
-                backend="compile" if variant.compiled else "eager",
+                backend=variant.backend,
                 attention=variant.attention,
                 height=size[0],
                 width=size[1],
@@ -424,13 +459,13 @@ def run_benchmark(spec: BenchmarkSpec, progress: bool = True) -> list[dict[str, 
     return rows
 
 
-def _peak_memory_here(model_name: str, size: tuple[int, int], batch: int, dtype: str, compiled: bool,
+def _peak_memory_here(model_name: str, size: tuple[int, int], batch: int, dtype: str, backend: str,
                       task: str, mode: str, device: str, fuse: bool, attention: str = "torch") -> float:
     """Extra memory (MiB) of one call, measured in this process (see the module docstring)."""
     spec = BenchmarkSpec([model_name], task=task, mode=mode, device=device, fuse=fuse)
     dev = torch.device(device)
-    model, x = _prepare(Variant(model_name, dtype, compiled, attention), spec, size, batch, dev)
-    return call_peak_memory_mib(make_step(model, x, dtype, mode, attention), dev)
+    model, x = _prepare(Variant(model_name, dtype, backend, attention), spec, size, batch, dev)
+    return call_peak_memory_mib(make_step(model, x, dtype, mode, attention, backend), dev)
 
 
 def call_peak_memory_mib(call: Callable[[], Any], device: torch.device) -> float:
@@ -466,7 +501,7 @@ def measure_peak_memory(row: dict[str, Any], spec: BenchmarkSpec) -> float | Non
         return None
     args = dict(
         model_name=row["model"], size=[row["height"], row["width"]], batch=row["batch"], dtype=row["dtype"],
-        compiled=row["backend"] == "compile", task=row["task"], mode=row["mode"], device=spec.device,
+        backend=row["backend"], task=row["task"], mode=row["mode"], device=spec.device,
         fuse=spec.fuse and spec.mode == "infer", attention=row.get("attention", "torch"),
     )
     if spec.device.startswith("cuda"):  # the allocator's own peak: exact in this process, and no CUDA start-up per row

@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[32], help="batch sizes; 1 gives latency (default: 32)")
     p.add_argument("--dtypes", nargs="+", default=["fp32"],
                    help="fp32 (on CUDA: TF32 off), tf32 (CUDA: fp32 with TF32 on), bf16, fp16 (autocast) (default: fp32)")
-    p.add_argument("--backends", nargs="+", default=["eager"], help="eager and/or compile (torch.compile)")
+    p.add_argument("--backends", nargs="+", default=["eager"], choices=["eager", "compile", "cudagraph"],
+                   help="eager, compile (torch.compile) and/or cudagraph (eager, replayed from a captured CUDA graph: "
+                        "no CPU launch cost; CUDA only)")
     p.add_argument("--attention-backends", nargs="+", default=["torch"], choices=["torch", "triton", "auto"],
                    help="MLLA models: one variant per attention backend (mlla.ops.set_attention_backend; "
                         "'triton' is the fused kernel, CUDA only) (default: torch, the PyTorch form as the baseline; "

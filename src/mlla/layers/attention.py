@@ -56,7 +56,7 @@ class MllaLinearAttention(nn.Module):
         tokens = x.permute(0, 2, 3, 1)  # (B, H, W, C), a view
         qk = self.qk(tokens).reshape(B, H * W, 2, self.num_heads, self.head_dim)
         cos, sin = rope
-        out = mlla_attention(qk, tokens.reshape(B, H * W, self.num_heads, self.head_dim), cos, sin, eps=self.eps)
+        out = mlla_attention(qk, tokens.reshape(B, H * W, self.num_heads, self.head_dim), cos, sin, eps=self.eps, width=W)
         return self.lepe(x).permute(0, 2, 3, 1) + out.reshape(B, H, W, C)
 
     def forward_inplace(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -13,7 +13,7 @@ except ImportError:  # timm < 1.0.10 (about): the helper lived in timm.models
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ["ChannelsLastConv2d", "ConvNorm", "DepthwiseConv", "DepthwiseConvNHWC", "channels_last_kernel", "fold_batchnorm", "pad_to_multiple", "timm_factory_kwargs"]
+__all__ = ["ChannelsLastConv2d", "ConvNorm", "batchnorm_layout", "DepthwiseConv", "DepthwiseConvNHWC", "channels_last_kernel", "fold_batchnorm", "pad_to_multiple", "timm_factory_kwargs"]
 
 
 def timm_factory_kwargs(device: torch.device | str | None, dtype: torch.dtype | None) -> dict:
@@ -38,6 +38,20 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, dims: Sequence[int]) -> torc
     for d in range(x.ndim - 1, last - 1, -1):  # F.pad lists the last dimension first
         pad += [0, pads.get(d, 0)]
     return F.pad(x, pad)
+
+
+@torch.fx.wrap
+@register_notrace_function
+def batchnorm_layout(x: torch.Tensor, training: bool) -> torch.Tensor:
+    """``x`` in the memory layout a BatchNorm should normalise it in.
+
+    In training on CPUs, contiguous NCHW: PyTorch's CPU train-mode BatchNorm is 20-50x less
+    accurate on channels-last tensors (its batch statistics and their gradients). Elsewhere ``x``
+    as it is: CUDA's channels-last BatchNorm kernels are accurate, and on an H200 a bfloat16 train
+    step of MLLA-T spent 15 of its 83 GPU milliseconds in the NCHW ones (``benchmarks/gpu_profile.py``).
+    Reads the device, never the values; a leaf for ``torch.fx`` tracing.
+    """
+    return x.contiguous() if training and x.device.type == "cpu" else x
 
 
 def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
@@ -67,8 +81,7 @@ def channels_last_kernel(weight: torch.Tensor) -> torch.Tensor:
 class ConvNorm(nn.Sequential):
     """``Conv2d -> BatchNorm2d -> activation`` on NCHW maps (``conv``, ``bn``, ``act``).
 
-    In training the BatchNorm gets a contiguous NCHW tensor: PyTorch's CPU train-mode BatchNorm
-    is 20-50x less accurate on channels-last tensors (its batch statistics and their gradients).
+    In training on CPUs the BatchNorm gets a contiguous NCHW tensor (see :func:`batchnorm_layout`).
     """
 
     def __init__(
@@ -90,10 +103,7 @@ class ConvNorm(nn.Sequential):
         self.act = act_layer(inplace=True) if act_layer is nn.ReLU else act_layer() if act_layer else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        if self.training:
-            x = x.contiguous()
-        return self.act(self.bn(x))
+        return self.act(self.bn(batchnorm_layout(self.conv(x), self.training)))
 
     def fuse(self) -> None:
         """Fold ``bn`` into ``conv`` (inference); ``bn`` becomes an identity."""
@@ -122,7 +132,9 @@ class DepthwiseConv(ChannelsLastConv2d):
     channels-last memory -> the same layout.
 
     With ``residual=True`` it computes ``x + DWConv(x)`` as one convolution, the identity added
-    to the kernel's centre (the weights and state-dict keys are those of the plain convolution).
+    to the kernel's centre (the weights and state-dict keys are those of the plain convolution;
+    the identity kernel is a non-persistent buffer, rebuilt by :meth:`init_non_persistent_buffers`
+    after construction on the meta device, as timm's ``reinit_non_persistent_buffers`` calls it).
     """
 
     def __init__(
@@ -136,13 +148,20 @@ class DepthwiseConv(ChannelsLastConv2d):
     ) -> None:
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim, bias=bias, device=device, dtype=dtype)
         self.residual = residual
+        if residual:
+            self.register_buffer("identity", torch.empty_like(self.weight), persistent=False)
+            self.init_non_persistent_buffers()
+
+    def init_non_persistent_buffers(self) -> None:
+        """Fill the identity kernel (1 at each channel's centre tap), where ``residual``."""
+        if self.residual:
+            p = self.kernel_size[0] // 2
+            with torch.no_grad():
+                self.identity.zero_()[:, :, p, p] = 1.0
 
     def kernel(self) -> torch.Tensor:
         """The ``(C, 1, k, k)`` kernel applied, the identity included when ``residual``."""
-        if not self.residual:
-            return self.weight
-        p = self.kernel_size[0] // 2
-        return self.weight + F.pad(torch.ones_like(self.weight[:, :, :1, :1]), (p, p, p, p))
+        return self.weight + self.identity if self.residual else self.weight
 
 
 class DepthwiseConvNHWC(DepthwiseConv):

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conv import ChannelsLastConv2d, fold_batchnorm, pad_to_multiple
+from .conv import ChannelsLastConv2d, batchnorm_layout, fold_batchnorm, pad_to_multiple
 
 torch.fx.wrap("pad_to_multiple")
+torch.fx.wrap("batchnorm_layout")
 
 __all__ = ["MllaDownsample"]
 
@@ -43,9 +44,7 @@ class MllaDownsample(nn.Module):
         x = x.permute(0, 3, 1, 2)  # (B, dim, H, W), channels-last memory
         x = self.act(self.expand(x))
         x = self.act(self.dwconv(x))
-        x = self.project(x)
-        if self.training:  # train-mode BatchNorm is accurate on contiguous NCHW only (see ConvNorm)
-            x = x.contiguous()
+        x = batchnorm_layout(self.project(x), self.training)
         return self.norm(x).permute(0, 2, 3, 1)
 
     def fuse(self) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .conv import ConvNorm, pad_to_multiple
+from .conv import ConvNorm, batchnorm_layout, pad_to_multiple
 
 torch.fx.wrap("pad_to_multiple")
+torch.fx.wrap("batchnorm_layout")
 
 __all__ = ["MllaStem"]
 
@@ -41,10 +42,10 @@ class MllaStem(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = pad_to_multiple(x, 4, dims=(2, 3))
-        # oneDNN's convolutions are about twice as fast channels-last, and the output permute
-        # below then gives contiguous (B, H, W, C) tokens without a copy. In training the stem
-        # stays NCHW: its train-mode BatchNorms are accurate only there (see ConvNorm).
-        x = x.contiguous(memory_format=torch.contiguous_format if self.training else torch.channels_last)
+        # Channels-last: oneDNN's convolutions are about twice as fast so, cuDNN's too, and the
+        # output permute below then gives contiguous (B, H, W, C) tokens without a copy. Training
+        # on a CPU keeps the stem NCHW: its train-mode BatchNorms are accurate only there.
+        x = batchnorm_layout(x.contiguous(memory_format=torch.channels_last), self.training)
         x = self.conv1(x)
         x = x + self.res(x)
         x = self.proj(self.conv2(x))

@@ -23,7 +23,8 @@ __all__ = [
 
 
 def mlla_attention(
-    qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6
+    qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6, *,
+    width: int | None = None,
 ) -> torch.Tensor:
     """MLLA's linear attention over all ``N`` tokens, per head (no LePE)::
 
@@ -38,10 +39,13 @@ def mlla_attention(
         v: ``(B, N, h, d)``.
         cos, sin: ``(h, N, d/2)`` from :func:`mlla.ops.rope_2d_head_tables`.
         eps: normaliser epsilon.
+        width: the token grid's width, where ``cos, sin`` are :func:`mlla.ops.rope_2d_head_tables`
+            of that grid (the model passes it): the fused kernel then reads only the tables'
+            first row and column, which hold all their angles. Without it, every row.
 
     Returns:
         ``(B, N, h, d)`` in the dtype of the computation (that of ``qk`` and ``v``).
     """
     if uses_kernel(qk, v, cos):
-        return fused_attention()(qk, v, cos.contiguous(), sin.contiguous(), eps)
+        return fused_attention()(qk, v, cos, sin, eps, width or 0)
     return mlla_attention_torch(qk, v, cos, sin, eps)
