@@ -249,3 +249,52 @@ def test_auto_uses_the_kernel_on_cuda_in_eager_mode_only(monkeypatch):
     with attention_backend("torch"):
         monkeypatch.setattr(backend, "_capability_major", lambda index: 9)
         assert not uses_kernel(qk, qk[:, :, 0], cos)
+
+
+
+def _broken_launch(*args, **kwargs):
+    raise RuntimeError("PassManager::run failed")  # as Triton reports a kernel it cannot compile for a GPU
+
+
+@needs_triton
+def test_auto_falls_back_to_the_pytorch_form_when_the_kernel_fails_to_launch(device, monkeypatch):
+    """The kernel's first launch for a shape fails (a compile error on some GPU): under 'auto' a warning
+    and the PyTorch form from then on; under 'triton', asked for explicitly, the error itself."""
+    from mlla.ops.mlla_attn import fused, kernel
+
+    qk, v, cos, sin = _inputs(2, (5, 3), device=device)
+    monkeypatch.setattr(fused, "_launched", set())
+    monkeypatch.setattr(kernel, "forward", _broken_launch)
+    # 'auto' as on a CUDA tensor (the rule reads metadata; here the tensors are the interpreter's CPU ones).
+    monkeypatch.setattr(mlla.ops.mlla_attn, "uses_kernel",
+                        lambda *a: backend._state.backend == "triton" or backend._state.failed is None)
+    with attention_backend("triton"):
+        with pytest.raises(RuntimeError, match="PassManager"):
+            mlla_attention(qk, v, cos, sin)
+    with attention_backend("auto"):
+        with pytest.warns(UserWarning, match="PyTorch form from now on"):
+            out = mlla_attention(qk, v, cos, sin)
+        assert torch.equal(out, mlla_attention_torch(qk, v, cos, sin))
+        assert backend._state.failed.startswith("RuntimeError: PassManager")
+        assert torch.equal(mlla_attention(qk, v, cos, sin), out)  # no second try, no second warning
+    assert backend._state.failed is None  # setting a backend again tries the kernel again
+
+
+@needs_triton
+def test_a_backward_kernel_that_fails_to_launch_gives_the_pytorch_forms_gradients_under_auto(device, monkeypatch):
+    from mlla.ops.mlla_attn import fused, kernel
+
+    qk, v, cos, sin = _inputs(2, (5, 3), device=device)
+    ref = qk.clone().requires_grad_()
+    (want,) = torch.autograd.grad(mlla_attention_torch(ref, v, cos, sin).sum(), ref)
+    monkeypatch.setattr(fused, "_launched", set())
+    monkeypatch.setattr(kernel, "backward", _broken_launch)
+    qk = qk.requires_grad_()
+    with attention_backend("triton"):
+        with pytest.raises(RuntimeError, match="PassManager"):
+            fused.fused_mlla_attention(qk, v, cos, sin).sum().backward()
+    with attention_backend("auto"):
+        out = fused.fused_mlla_attention(qk, v, cos, sin)
+        with pytest.warns(UserWarning, match="PyTorch form from now on"):
+            (grad,) = torch.autograd.grad(out.sum(), qk)
+    assert torch.allclose(grad, want, rtol=1e-5, atol=1e-6)

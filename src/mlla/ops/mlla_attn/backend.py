@@ -6,7 +6,9 @@ One process-wide setting, :func:`set_attention_backend` (or the context manager
 * ``"auto"`` (the default): the fused kernel for CUDA tensors of a GPU of compute capability 8.0
   or newer in eager mode, where Triton is installed; the PyTorch form under ``torch.compile``
   (inductor fuses its elementwise steps itself; the kernel under compile was not measured on a
-  GPU), on other devices and without Triton. Never Triton's CPU interpreter.
+  GPU), on other devices and without Triton. Never Triton's CPU interpreter. If the kernel's
+  first launch for a shape fails (it does not compile for the GPU, or needs more resources than
+  the GPU has), a warning says so and the PyTorch form takes over (:func:`fall_back_after`).
 * ``"torch"``: the PyTorch form (:func:`mlla.ops.mlla_attn.parallel.mlla_attention_torch`).
 * ``"triton"``: the fused kernel wherever it can run, compiled graphs included: CUDA tensors (any
   device under ``TRITON_INTERPRET=1``, Triton's CPU interpreter, which the tests use). Elsewhere
@@ -35,7 +37,7 @@ from typing import Callable, Iterator
 import torch
 
 __all__ = [
-    "BACKENDS", "attention_backend", "fused_attention", "get_attention_backend", "interpreter_requested",
+    "BACKENDS", "FirstLaunchError", "attention_backend", "fall_back_after", "fused_attention", "get_attention_backend", "interpreter_requested",
     "set_attention_backend", "uses_kernel",
 ]
 
@@ -48,6 +50,7 @@ class _State:
     fused: Callable | None = None  # fused_mlla_attention, imported on first use
     interpreted: bool = False  # TRITON_INTERPRET=1 when the backend was set
     warned: bool = False
+    failed: str | None = None  # why 'auto' stopped using the kernel (its first launch for a shape failed)
 
 
 _state = _State()
@@ -76,7 +79,7 @@ def set_attention_backend(name: str) -> None:
             "with Triton (pip install triton on Linux with CUDA), or use set_attention_backend('auto'), "
             "which falls back to the PyTorch form"
         )
-    _state.backend, _state.warned = name, False
+    _state.backend, _state.warned, _state.failed = name, False, None
     _state.interpreted = interpreter_requested()
 
 
@@ -122,13 +125,35 @@ def _tracing_to_plain_graph() -> bool:
     return getattr(fx, "is_fx_symbolic_tracing", fx.is_fx_tracing)()
 
 
+class FirstLaunchError(RuntimeError):
+    """The fused kernel failed at its first launch for a shape (where Triton compiles it); the
+    error is the ``__cause__``."""
+
+
+def fall_back_after(error: BaseException) -> bool:
+    """After the kernel's first launch for a shape failed with ``error`` (a Triton compilation
+    error, a GPU without the resources its blocks need): under ``"auto"`` in eager mode, warn once
+    and use the PyTorch form from then on (until :func:`set_attention_backend` is called again),
+    returning True; under ``"triton"`` (asked for explicitly) or ``torch.compile``, False: the
+    caller raises."""
+    if _state.backend != "auto" or torch.compiler.is_compiling():
+        return False
+    _state.failed = f"{type(error).__name__}: {error}"
+    warnings.warn(
+        "the fused MLLA attention kernel failed at its first launch for these inputs, so attention backend "
+        f"'auto' uses the PyTorch form from now on (same results, slower on a GPU). The error: {_state.failed[:2000]}",
+        stacklevel=4,
+    )
+    return True
+
+
 def uses_kernel(qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether :func:`mlla.ops.mlla_attention` runs the fused kernel for these inputs (the rule above)."""
     backend = _state.backend
     if backend == "torch" or not triton_available() or _tracing_to_plain_graph():  # FX: before reading a proxy
         return False
     if backend == "auto":
-        if not qk.is_cuda:
+        if not qk.is_cuda or _state.failed:
             return False
         index = qk.device.index if qk.device.index is not None else torch.cuda.current_device()
         if torch.compiler.is_compiling() or _capability_major(index) < 8:

@@ -13,8 +13,27 @@ from __future__ import annotations
 import torch
 
 from . import kernel
+from .backend import FirstLaunchError, fall_back_after
+from .parallel import mlla_attention_torch
 
 __all__ = ["FusedMllaAttention", "fused_mlla_attention"]
+
+
+#: Shapes (and settings) the forward and the backward kernels have run for: their first launch compiles them.
+_launched: set[tuple] = set()
+
+
+def _first_launch(pass_: str, qk: torch.Tensor, width: int, run):
+    """``run()``, the first time for this pass and shape with its failure wrapped in :class:`FirstLaunchError`."""
+    key = (pass_, qk.shape, qk.dtype, qk.device, width > 0, torch.backends.cuda.matmul.allow_tf32)
+    if key in _launched:
+        return run()
+    try:
+        result = run()
+    except Exception as error:
+        raise FirstLaunchError(f"the fused MLLA attention kernel ({pass_}) failed at its first launch") from error
+    _launched.add(key)
+    return result
 
 
 @torch.library.custom_op("mlla::mlla_attention_fwd", mutates_args=())
@@ -53,8 +72,10 @@ class FusedMllaAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float,
                 width: int) -> torch.Tensor:
-        forward = _forward_op if torch.compiler.is_compiling() else kernel.forward
-        out, state = forward(qk, v, cos, sin, eps, width)
+        if torch.compiler.is_compiling():
+            out, state = _forward_op(qk, v, cos, sin, eps, width)
+        else:
+            out, state = _first_launch("forward", qk, width, lambda: kernel.forward(qk, v, cos, sin, eps, width))
         ctx.save_for_backward(qk, v, cos, sin, state)
         ctx.eps, ctx.width = eps, width
         return out
@@ -62,8 +83,19 @@ class FusedMllaAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         qk, v, cos, sin, state = ctx.saved_tensors
-        backward = _backward_op if torch.compiler.is_compiling() else kernel.backward
-        dqk, dv = backward(grad_out, qk, v, cos, sin, state, ctx.eps, ctx.width)
+        if torch.compiler.is_compiling():
+            dqk, dv = _backward_op(grad_out, qk, v, cos, sin, state, ctx.eps, ctx.width)
+            return dqk, dv, None, None, None, None
+        try:
+            dqk, dv = _first_launch(
+                "backward", qk, ctx.width, lambda: kernel.backward(grad_out, qk, v, cos, sin, state, ctx.eps, ctx.width)
+            )
+        except FirstLaunchError as error:
+            if not fall_back_after(error.__cause__):
+                raise error.__cause__ from None
+            with torch.enable_grad():  # the same gradients by the PyTorch form
+                qk_, v_ = qk.detach().requires_grad_(), v.detach().requires_grad_()
+                dqk, dv = torch.autograd.grad(mlla_attention_torch(qk_, v_, cos, sin, ctx.eps), (qk_, v_), grad_out)
         return dqk, dv, None, None, None, None
 
 
