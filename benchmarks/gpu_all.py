@@ -85,6 +85,8 @@ def plan(device: str, dry: bool, out: Path) -> list[Step]:
         Step("gpu_profile", [py, "benchmarks/gpu_profile.py", "--device", device, "--output-dir", str(out / "gpu_profile"),
                              *(["--size", "64", "--batch-size", "2", "--calls", "1", "--warmup", "1", "--models", "mlla_tiny",
                                 "--modes", "infer"] if dry else ["--models", "mlla_tiny", SWIN, "--modes", "train"])], 70),
+        Step("attention_launch_cost", [py, "benchmarks/attention_launch_cost.py", str(out / "attention_launch_cost.json"),
+                                       *([device] if dry else [])], 60, interp),
         Step("dense_mask_rcnn", [py, "benchmarks/dense.py", "--device", device, "--output-dir", str(out / "dense_mask_rcnn"),
                                  "--sizes", "128" if dry else "800x1333", "--rounds", "1" if dry else "5"], 60),
         Step("dense_upernet", [py, "benchmarks/dense_seg.py", "--device", device, "--output-dir", str(out / "dense_upernet"),
