@@ -14,8 +14,10 @@ README's GPU section found eager MLLA-T so at small batches); the kinds say whic
 or replace where the GPU is busy. On a CPU (the logic check) the "kernels" are ATen operators and
 their self CPU time.
 
-Writes ``gpu_profile.json`` and ``gpu_profile.md`` (one table of kinds, and the 12 longest kernels
-of each case) to ``--output-dir``.
+It also lists where the CPU's time goes: self time per profiled operator (ATen operators, autograd
+nodes, Triton launches), the 15 largest per case. Writes ``gpu_profile.json`` and
+``gpu_profile.md`` (one table of kinds, and per case the 12 longest kernels and the 15 largest CPU
+operators) to ``--output-dir``.
 """
 from __future__ import annotations
 
@@ -91,10 +93,16 @@ def profile_case(model_name: str, mode: str, attention: str, size: int, batch: i
         by_name[name] += us / 1e3 / calls
     busy = sum(by_kind.values())
     wall = 1e3 * statistics.median(walls)
+    # Where the CPU's time goes: self time per operator (ATen operators, autograd nodes, Triton launches), per call.
+    cpu_ops = {e.key: (e.self_cpu_time_total / 1e3 / calls, e.count / calls) for e in prof.key_averages()}
+    top_cpu = dict(sorted(cpu_ops.items(), key=lambda kv: -kv[1][0])[:15])
     return dict(model=model_name, mode=mode, attention=attention, size=size, batch=batch, dtype=dtype,
                 wall_ms=wall, busy_ms=busy, busy_pct=100 * busy / wall if wall else None,
                 launches=len(kernels) / calls, kinds_ms=dict(by_kind.most_common()),
-                top_kernels_ms=dict(by_name.most_common(12)))
+                top_kernels_ms=dict(by_name.most_common(12)),
+                cpu_self_ms=sum(ms for ms, _ in cpu_ops.values()),
+                top_cpu_ops_ms={k: round(ms, 3) for k, (ms, _) in top_cpu.items()},
+                top_cpu_ops_calls={k: n for k, (_, n) in top_cpu.items()})
 
 
 def render(rows: list[dict[str, Any]], env: dict[str, Any], command: str) -> str:
@@ -110,6 +118,11 @@ def render(rows: list[dict[str, Any]], env: dict[str, Any], command: str) -> str
     for r in rows:
         lines += ["", f"**{r['model']} {r['mode']} attention={r['attention']}: longest kernels (ms per call)**", ""]
         lines += [f"- {ms:.2f} ms: `{name[:120]}`" for name, ms in r["top_kernels_ms"].items()]
+        if "top_cpu_ops_ms" in r:
+            lines += ["", f"CPU self time per call {r['cpu_self_ms']:.1f} ms (under the profiler, which adds its own), "
+                          "largest by operator (ms per call, calls per call):", ""]
+            lines += [f"- {ms:.2f} ms, {r['top_cpu_ops_calls'][name]:.0f} calls: `{name[:100]}`"
+                      for name, ms in r["top_cpu_ops_ms"].items()]
     return "\n".join(lines + ["", f"Command: `{command}`"]) + "\n"
 
 
