@@ -288,12 +288,12 @@ def make_step(model: nn.Module, x: torch.Tensor, dtype: str, mode: str, attentio
     from .ops import attention_backend
 
     device_type = x.device.type
-    cache = backend != "cudagraph"  # autocast's weight-cast cache must not outlive a graph capture
+    graphed = backend == "cudagraph"
 
-    def autocast():
+    def autocast():  # autocast's weight-cast cache must not outlive a graph capture
         if DTYPES[dtype] == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(device_type, dtype=DTYPES[dtype], cache_enabled=cache)
+        return torch.autocast(device_type, dtype=DTYPES[dtype], cache_enabled=not graphed)
 
     if mode == "train":
         def step() -> None:
@@ -301,14 +301,14 @@ def make_step(model: nn.Module, x: torch.Tensor, dtype: str, mode: str, attentio
                 with autocast():
                     loss = _reduce(model(x))
                 loss.backward()
-            if cache:
+            if not graphed:  # a graph keeps its gradients in its own memory, rewritten by each replay
                 for p in model.parameters():
                     p.grad = None
     else:
         def step() -> None:
             with torch.no_grad(), autocast(), precision(dtype, x.device), attention_backend(attention):
                 model(x)
-    return _capture(step, model, x.device) if backend == "cudagraph" else step
+    return _capture(step, model, x.device) if graphed else step
 
 
 def _capture(step: Callable[[], None], model: nn.Module, device: torch.device) -> Callable[[], None]:
