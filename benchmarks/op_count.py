@@ -5,8 +5,9 @@ launches them until the batch is large (see the README's GPU section).
     .venv/bin/python benchmarks/op_count.py     # a few seconds on a CPU; writes benchmarks/results/op_count/
 
 Counts every ATen operator call (views included: each costs dispatch time on the CPU) of one
-``eval`` forward at 224x224, batch 1, under ``torch.no_grad``, with MLLA on its plain path (the
-one CUDA runs: no CPU fused-inference path), counted by a ``TorchDispatchMode``.
+``eval`` forward at 224x224, batch 1, under ``torch.no_grad``, after a first one, with MLLA on
+its plain path (the one CUDA runs: no CPU fused-inference path), counted by a
+``TorchDispatchMode``.
 """
 from __future__ import annotations
 
@@ -41,13 +42,16 @@ class _CountOps(TorchDispatchMode):
 
 
 def count_ops(name: str, size: int = 224) -> Counter[str]:
-    """ATen operator calls of one eval forward of ``name`` at ``size`` x ``size``, batch 1."""
+    """ATen operator calls of one eval forward of ``name`` at ``size`` x ``size``, batch 1, after a
+    first forward (what every later call dispatches: MLLA's RoPE tables are cached by then)."""
     model = timm.create_model(name).eval()
     if hasattr(model, "set_fused_inference"):
         model.set_fused_inference(False)
     x = torch.randn(1, 3, size, size)
-    with torch.no_grad(), _CountOps() as mode:
+    with torch.no_grad():
         model(x)
+        with _CountOps() as mode:
+            model(x)
     return mode.counts
 
 

@@ -175,8 +175,11 @@ def test_rope_matches_complex_rotation_and_is_computed_once_per_stage(monkeypatc
     original = mlla_module.rope_2d_head_tables
     monkeypatch.setattr(mlla_module, "rope_2d_head_tables", lambda *a, **k: calls.append(a) or original(*a, **k))
     model = timm.create_model("test_mlla", depths=(2, 2, 3, 2))
+    mlla_module.rope_table_cache.clear()
     model(torch.randn(1, 3, 64, 64))
     assert len(calls) == 4  # once per stage, shared by the stage's blocks
+    model(torch.randn(1, 3, 64, 64))
+    assert len(calls) == 4  # in eager mode the next call finds them in the cache
 
 
 def test_torch_compile_runs():
@@ -236,3 +239,42 @@ def test_fused_inference_path_equals_plain_path(monkeypatch, chunk_tokens):
     assert torch.allclose(fused, plain, atol=1e-6)
     with pytest.raises(RuntimeError, match="without autograd"):
         model(x)  # grad enabled: refused, never a silent switch
+
+
+def test_rope_tables_are_cached_in_eager_mode_only_small_and_usable_for_training():
+    """The stages' RoPE tables come from a bounded cache in eager mode: the same outputs, fewer
+    operators from the second call on, tables an inference-mode call made serve a training step,
+    and tables above the size bound are not kept."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mlla.models.mlla import rope_table_cache
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    model = timm.create_model("test_mlla").eval()
+    x = torch.randn(1, 3, 64, 48)
+    rope_table_cache.clear()
+    counts = []
+    with torch.inference_mode():
+        for _ in range(2):
+            with Count() as count:
+                out = model(x)
+            counts.append(count.ops)
+    assert counts[1] < counts[0]
+    rope_table_cache.clear()
+    assert torch.equal(model(x), out)  # computed afresh: the same
+    rope_table_cache.clear()
+    with torch.inference_mode():
+        model(x)  # fills the cache
+    model.train()(x).sum().backward()  # its tables are saved for backward: not inference tensors
+    big = rope_table_cache(512, 512, 64, 2, torch.device("cpu"), torch.float32)  # 2 x 32 MiB: above the bound
+    assert big is not rope_table_cache(512, 512, 64, 2, torch.device("cpu"), torch.float32)
+    assert rope_table_cache(8, 8, 64, 2, torch.device("cpu"), torch.float32) is rope_table_cache(
+        8, 8, 64, 2, torch.device("cpu"), torch.float32)

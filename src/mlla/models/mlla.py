@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import torch
@@ -29,19 +31,63 @@ from ..layers import MllaBlock, MllaDownsample, MllaStem
 from ..layers.conv import register_notrace_function, timm_factory_kwargs
 from ..ops.rope import rope_2d_head_tables
 
-__all__ = ["MLLA", "MllaStage", "checkpoint_filter_fn"]
+__all__ = ["MLLA", "MllaStage", "checkpoint_filter_fn", "rope_table_cache"]
 
 _logger = logging.getLogger(__name__)
+
+
+class _RopeTableCache:
+    """RoPE tables of recent grids in eager mode: about 18 small kernels per stage and call saved
+    (on a GPU at small batches every launch costs CPU time the GPU waits for). Tables of at most
+    :attr:`max_table_bytes` each, :attr:`max_bytes` in all, least recently used dropped first;
+    made outside inference mode, so that a training step may use tables an inference call made."""
+
+    max_table_bytes = 4 << 20
+    max_bytes = 32 << 20
+
+    def __init__(self) -> None:
+        self._tables: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, height: int, width: int, dim: int, num_heads: int, device: torch.device,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (height, width, dim, num_heads, device, dtype)
+        with self._lock:
+            if key in self._tables:
+                self._tables.move_to_end(key)
+                return self._tables[key]
+        with torch.inference_mode(False):
+            tables = rope_2d_head_tables(height, width, dim, num_heads, device=device, dtype=dtype)
+        if _nbytes(tables) <= self.max_table_bytes:
+            with self._lock:
+                self._tables[key] = tables
+                while sum(map(_nbytes, self._tables.values())) > self.max_bytes:
+                    self._tables.popitem(last=False)
+        return tables
+
+    def clear(self) -> None:
+        with self._lock:
+            self._tables.clear()
+
+
+def _nbytes(tables: tuple[torch.Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in tables)
+
+
+rope_table_cache = _RopeTableCache()
 
 
 @torch.fx.wrap
 @register_notrace_function
 def stage_rope_tables(x: torch.Tensor, dim: int, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """RoPE tables for the grid of the tokens ``x: (B, H, W, C)``, on its device, in its dtype (at
-    least float32). A leaf for ``torch.fx`` tracing: the grid size is read from ``x``'s shape."""
-    return rope_2d_head_tables(
-        x.shape[1], x.shape[2], dim, num_heads, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32)
-    )
+    least float32). A leaf for ``torch.fx`` tracing: the grid size is read from ``x``'s shape. In
+    eager mode from :data:`rope_table_cache` (the tables are constants of the grid: callers must
+    not modify them); under ``torch.compile``, ``torch.export`` and the TorchScript tracer computed."""
+    height, width, dtype = x.shape[1], x.shape[2], torch.promote_types(x.dtype, torch.float32)
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return rope_2d_head_tables(height, width, dim, num_heads, device=x.device, dtype=dtype)
+    return rope_table_cache(height, width, dim, num_heads, x.device, dtype)
 
 
 @torch.fx.wrap
