@@ -12,6 +12,14 @@ and recorded. Results go under ``--output-dir`` (default ``benchmarks/results/gp
 per step (the command's own files), ``logs/STEP.log``, and ``manifest.json`` (machine, commands,
 status and wall time of every step). ``benchmarks/gpu_table.py`` turns them into the README's
 GPU table. Dry runs write to ``--output-dir`` too (pass a temporary folder): never commit them.
+
+The first step, ``kernel_smoke``, runs the fused attention once against the PyTorch form; if it
+fails, the later steps run without the ``triton`` attention backend (recorded in the manifest),
+so that one broken kernel does not cost every row. A GPU machine without network needs timm (and
+for the dense steps segmentation_models_pytorch and pycocotools) carried in as wheels, made here
+with ``pip download timm==1.0.31 segmentation_models_pytorch==0.6.0 pycocotools==2.0.11 --no-deps
+--only-binary :all: --python-version 3.12 -d .whl`` and installed there with ``pip install
+--no-index --no-deps --target /tmp/site .whl/*.whl`` (then ``PYTHONPATH=/tmp/site``).
 """
 from __future__ import annotations
 
