@@ -238,7 +238,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--dry: pass --output-dir (a temporary folder); dry results must not land in benchmarks/results/gpu")
     out = Path(args.output_dir or ROOT / "benchmarks" / "results" / "gpu").resolve()
     if args.merge:
-        merge([Path(d) for d in args.merge], out)
+        calls = [Path(d).resolve() for d in args.merge]
+        if out in calls:
+            raise SystemExit(f"--merge writes {out}, which is one of the folders it reads: pass another --output-dir, "
+                             "then replace the old folder with it")
+        merge(calls, out)
         return 0
     steps = plan(args.device, args.dry, out)
     if args.only:

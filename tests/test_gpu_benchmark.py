@@ -54,6 +54,8 @@ def test_plan_measures_the_kernel_first_and_compiles_last(tmp_path):
         gpu_all.main(["--device", "cpu", "--dry"])
     with pytest.raises(SystemExit, match="unknown steps"):
         gpu_all.main(["--plan", "--only", "nope"])
+    with pytest.raises(SystemExit, match="one of the folders it reads"):
+        gpu_all.main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--output-dir", str(tmp_path / "a")])
 
 
 def test_attention_kernel_benchmark_writes_every_form_and_pass(tmp_path):
