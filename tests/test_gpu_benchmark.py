@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -226,3 +227,20 @@ def test_readme_gpu_section_is_generated_from_the_committed_results():
     mlla_tiny = next(r for r in counts if r["model"] == "mlla_tiny")
     assert f"one forward dispatches {mlla_tiny['ops']} PyTorch operators, {mlla_tiny['compute_ops']}" in " ".join(readme.split())
     assert sum(_module("op_count").count_ops("mlla_tiny").values()) == mlla_tiny["ops"]  # still true of the model
+
+
+def test_saved_activations_splits_per_image_from_fixed_bytes_by_module():
+    """benchmarks/saved_activations.py: batch two minus batch one per image, by module; the fused
+    attention's form saves less than the PyTorch form's (it keeps only its inputs and a d x d state)."""
+    saved = _module("saved_activations")
+    torch_form = saved.measure("test_mlla", 64, "torch")
+    assert torch_form["activation_mib"] > 0 and torch_form["fixed_mib"] > 0
+    assert abs(sum(torch_form["by_module_mib"].values()) - torch_form["activation_mib"]) < 1e-6
+    assert {"attn", "(block)", "act"} <= set(torch_form["by_module_mib"])
+    one = saved.saved_bytes("test_mlla", 64, "torch", 1)
+    four = saved.saved_bytes("test_mlla", 64, "torch", 4)
+    per_image = (sum(four.values()) - sum(one.values())) / 3 / 2**20
+    assert abs(per_image - torch_form["activation_mib"]) < 0.01 * per_image  # (near) linear in the batch
+    if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1":
+        fused = saved.measure("test_mlla", 64, "triton")
+        assert fused["by_module_mib"]["attn"] < torch_form["by_module_mib"]["attn"]
