@@ -278,3 +278,34 @@ def test_rope_tables_are_cached_in_eager_mode_only_small_and_usable_for_training
     assert big is not rope_table_cache(512, 512, 64, 2, torch.device("cpu"), torch.float32)
     assert rope_table_cache(8, 8, 64, 2, torch.device("cpu"), torch.float32) is rope_table_cache(
         8, 8, 64, 2, torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("shape", [(64, 1, 3, 3), (128, 64, 1, 1), (64, 32, 3, 3)])
+def test_channels_last_kernels_keep_values_and_cost_no_kernel_in_the_backward(shape):
+    """Depthwise and 1x1 kernels get channels-last strides by views whose backward launches nothing
+    (an as_strided view's backward allocates and scatters); other kernels are copied."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mlla.layers.conv import DepthwiseConv, channels_last_kernel
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    weight = torch.randn(shape, requires_grad=True)
+    _, I, kh, kw = shape
+    with Ops() as ops:
+        kernel = channels_last_kernel(weight)
+        kernel.backward(torch.ones_like(kernel))
+    assert torch.equal(kernel, weight) and kernel.stride() == (I * kh * kw, 1, kw * I, I)
+    assert torch.equal(weight.grad, torch.ones(shape))
+    if I == 1 or kh * kw == 1:
+        assert "as_strided" not in ops.names and "new_zeros" not in ops.names
+    conv = DepthwiseConv(8, residual=True)  # the parameter itself carries the strides
+    assert conv.weight.stride() == (9, 1, 3, 1) and channels_last_kernel(conv.weight) is conv.weight
+    assert channels_last_kernel(conv.kernel()).stride() == (9, 1, 3, 1)

@@ -62,6 +62,13 @@ def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     conv.weight, conv.bias = weight, bias
 
 
+def _channels_last_strides(shape: Sequence[int]) -> tuple[int, int, int, int]:
+    _, I, kh, kw = shape
+    return I * kh * kw, 1, kw * I, I
+
+
+@torch.fx.wrap
+@register_notrace_function
 def channels_last_kernel(weight: torch.Tensor) -> torch.Tensor:
     """A convolution kernel ``(O, I, kh, kw)`` with explicit channels-last strides.
 
@@ -70,12 +77,24 @@ def channels_last_kernel(weight: torch.Tensor) -> torch.Tensor:
     batch 1 can carry a zero batch stride (``torch.compile`` produces such views), which oneDNN
     does not recognise as channels-last: it would convolve in NCHW and return an NCHW output that
     costs a layout copy. Strides ``(I kh kw, 1, kw I, I)`` mark the kernel channels-last, so the
-    convolution stays channels-last whatever the batch stride. Same values; a view for those
-    kernels, a copy for others.
+    convolution stays channels-last whatever the batch stride. Same values: a kernel that already
+    has those strides as it is (:class:`ChannelsLastConv2d` gives them to its depthwise and 1x1
+    kernels), other depthwise and 1x1 kernels restrided by squeeze/unsqueeze/permute views (whose
+    backward launches nothing, where an ``as_strided`` view's costs two kernels per training
+    step), other kernels copied. A leaf for ``torch.fx`` tracing.
     """
-    weight = weight.contiguous(memory_format=torch.channels_last)
+    strides = _channels_last_strides(weight.shape)
+    if weight.stride() == strides:
+        return weight
     _, I, kh, kw = weight.shape
-    return weight.as_strided(weight.shape, (I * kh * kw, 1, kw * I, I))
+    if I == 1:  # (O, 1, kh, kw) -> (O, kh, kw, 1) -> (O, 1, kh, kw) with stride 1 on the input channel
+        weight = weight.squeeze(1).unsqueeze(-1).permute(0, 3, 1, 2)
+    elif kh * kw == 1:  # (O, I, 1, 1) -> (O, 1, 1, I) -> (O, I, 1, 1)
+        weight = weight.flatten(1).unsqueeze(1).unsqueeze(1).permute(0, 3, 1, 2)
+    if weight.stride() == strides:
+        return weight
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    return weight.as_strided(weight.shape, strides)
 
 
 class ConvNorm(nn.Sequential):
@@ -116,8 +135,17 @@ class ChannelsLastConv2d(nn.Conv2d):
     """``nn.Conv2d`` with its kernel marked channels-last (see :func:`channels_last_kernel`).
 
     For inputs in channels-last memory: the output stays channels-last whatever the batch stride.
-    Same parameters and state-dict keys as ``nn.Conv2d``.
+    Same parameters and state-dict keys as ``nn.Conv2d``; a depthwise or 1x1 kernel parameter
+    carries channels-last strides from construction (the same memory as contiguous ones).
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _, I, kh, kw = self.weight.shape
+        if I == 1 or kh * kw == 1:  # same memory either way: mark the parameter itself
+            w = self.weight.detach()
+            marked = torch.empty_strided(w.shape, _channels_last_strides(w.shape), dtype=w.dtype, device=w.device)
+            self.weight = nn.Parameter(marked.copy_(w))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, channels_last_kernel(self.kernel()), self.bias, self.stride, self.padding, self.dilation, self.groups)
