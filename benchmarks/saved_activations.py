@@ -81,7 +81,8 @@ def measure(name: str, size: int, attention: str) -> dict[str, Any]:
 
 
 def render(rows: list[dict[str, Any]], command: str) -> str:
-    lines = ["# Saved for backward, per image (bfloat16 autocast, 224 x 224, train mode)", "",
+    size = rows[0]["size"] if rows else 224
+    lines = [f"# Saved for backward, per image (bfloat16 autocast, {size} x {size}, train mode)", "",
              "| model | attention | activations MiB/image | fixed MiB (weight copies) |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['attention']} | {r['activation_mib']:.1f} | {r['fixed_mib']:.1f} |")
