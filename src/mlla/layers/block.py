@@ -9,7 +9,7 @@ from torch import nn
 from .attention import MllaLinearAttention
 from .conv import DepthwiseConv, DepthwiseConvNHWC, timm_factory_kwargs
 
-__all__ = ["INFERENCE_CHUNK_BYTES", "MllaBlock"]
+__all__ = ["INFERENCE_CHUNK_BYTES", "MllaBlock", "tracing"]
 
 #: Size of the widest activation chunk (the MLP hidden layer) of the fused inference path.
 INFERENCE_CHUNK_BYTES = 4 << 20
@@ -22,7 +22,7 @@ def _autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
-def _tracing() -> bool:
+def tracing() -> bool:
     """Under ``torch.compile``, ``torch.export`` (strict or not) or the TorchScript tracer: a context, not a tensor."""
     return torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
 
@@ -72,7 +72,7 @@ class MllaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """``x: (B, H, W, C)``, ``rope``: RoPE tables (see ``MllaLinearAttention``) -> ``(B, H, W, C)``."""
-        if self.fused_inference and not _tracing():
+        if self.fused_inference and not tracing():
             return self.forward_fused(x, rope)
         x = self.cpe1(x)
         y, gate = self.in_proj(self.norm1(x)).chunk(2, dim=-1)

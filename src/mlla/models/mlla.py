@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import load_weights, read_checkpoint, select_weights, unwrap_state_dict
 from ..layers import MllaBlock, MllaDownsample, MllaStem
+from ..layers.block import tracing
 from ..layers.conv import register_notrace_function, timm_factory_kwargs
 from ..ops.rope import rope_2d_head_tables
 
@@ -85,7 +86,7 @@ def stage_rope_tables(x: torch.Tensor, dim: int, num_heads: int) -> tuple[torch.
     eager mode from :data:`rope_table_cache` (the tables are constants of the grid: callers must
     not modify them); under ``torch.compile``, ``torch.export`` and the TorchScript tracer computed."""
     height, width, dtype = x.shape[1], x.shape[2], torch.promote_types(x.dtype, torch.float32)
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+    if tracing():
         return rope_2d_head_tables(height, width, dim, num_heads, device=x.device, dtype=dtype)
     return rope_table_cache(height, width, dim, num_heads, x.device, dtype)
 

@@ -59,8 +59,8 @@ def interpreted() -> bool:
 def _features(base, n, mask_n, s_n, h, cos_ptr, sin_ptr, s_th, s_tn, H, W,
               HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_HALF: tl.constexpr, SEPARABLE: tl.constexpr):
     """q or k (contiguous channels at ``base``) of tokens ``n`` as pair halves ``(a, b)``: ``phi(a),
-    phi(b)`` (ELU+1, 0 where masked), their RoPE rotation ``(a cos - b sin, a sin + b cos)``, ``cos,
-    sin`` and the mask."""
+    phi(b)`` (ELU+1, 0 where masked), their RoPE rotation ``(a cos - b sin, a sin + b cos)``, and
+    ``cos, sin``."""
     p = tl.arange(0, BLOCK_HALF)
     ch = tl.arange(0, 2 * BLOCK_HALF)
     rows = n.to(tl.int64)[:, None]
@@ -77,7 +77,7 @@ def _features(base, n, mask_n, s_n, h, cos_ptr, sin_ptr, s_th, s_tn, H, W,
     t = h * s_th + trow * s_tn + p[None, :]
     cs = tl.load(cos_ptr + t, mask=m, other=0.0).to(tl.float32)
     sn = tl.load(sin_ptr + t, mask=m, other=0.0).to(tl.float32)
-    return fa, fb, fa * cs - fb * sn, fa * sn + fb * cs, cs, sn, m
+    return fa, fb, fa * cs - fb * sn, fa * sn + fb * cs, cs, sn
 
 
 @triton.jit
@@ -147,7 +147,7 @@ def _kv_kernel(
     for i in range(0, tokens_per_program, BLOCK_N):
         n = start + i + tl.arange(0, BLOCK_N)
         mask_n = n < N
-        fa, fb, ra, rb, cs, sn, m = _features(k_base, n, mask_n, s_qn, h, cos_ptr, sin_ptr, s_th, s_tn, H, W,
+        fa, fb, ra, rb, cs, sn = _features(k_base, n, mask_n, s_qn, h, cos_ptr, sin_ptr, s_th, s_tn, H, W,
                                               HALF, BLOCK_N, BLOCK_HALF, SEPARABLE)
         v = tl.load(v_base + n.to(tl.int64)[:, None] * s_vn + c[None, :] * s_vd,
                     mask=mask_n[:, None] & (c < DV)[None, :], other=0.0)
@@ -174,7 +174,7 @@ def _out_kernel(
     c = tl.arange(0, BLOCK_DV)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = n < N
-    fa, fb, ra, rb, cs, sn, m = _features(qk_ptr + b * s_qb + h * s_qh, n, mask_n, s_qn, h, cos_ptr, sin_ptr, s_th,
+    fa, fb, ra, rb, cs, sn = _features(qk_ptr + b * s_qb + h * s_qh, n, mask_n, s_qn, h, cos_ptr, sin_ptr, s_th,
                                           s_tn, H, W, HALF, BLOCK_N, BLOCK_HALF, SEPARABLE)
     kv_a, kv_b, km_a, km_b = _load_state(state_ptr, bh, inv_n, HALF, DV, BLOCK_HALF, BLOCK_DV, DOT_DTYPE)
     z = 1.0 / (tl.sum(fa * km_a[None, :], axis=1) + tl.sum(fb * km_b[None, :], axis=1) + eps)
@@ -208,7 +208,7 @@ def _bwd_q_kernel(
     for i in range(0, tokens_per_program, BLOCK_N):
         n = start + i + tl.arange(0, BLOCK_N)
         mask_n = n < N
-        fa, fb, ra, rb, cs, sn, m = _features(q_base, n, mask_n, s_qn, h, cos_ptr, sin_ptr, s_th, s_tn, H, W,
+        fa, fb, ra, rb, cs, sn = _features(q_base, n, mask_n, s_qn, h, cos_ptr, sin_ptr, s_th, s_tn, H, W,
                                               HALF, BLOCK_N, BLOCK_HALF, SEPARABLE)
         ra, rb = ra.to(DOT_DTYPE), rb.to(DOT_DTYPE)
         z = 1.0 / (tl.sum(fa * km_a[None, :], axis=1) + tl.sum(fb * km_b[None, :], axis=1) + eps)
@@ -250,7 +250,7 @@ def _bwd_kv_kernel(
     mask_n = n < N
     mask_v = mask_n[:, None] & (c < DV)[None, :]
     k_base = qk_ptr + b * s_qb + s_qk + h * s_qh
-    fa, fb, ra, rb, cs, sn, m = _features(k_base, n, mask_n, s_qn, h, cos_ptr, sin_ptr, s_th, s_tn, H, W,
+    fa, fb, ra, rb, cs, sn = _features(k_base, n, mask_n, s_qn, h, cos_ptr, sin_ptr, s_th, s_tn, H, W,
                                           HALF, BLOCK_N, BLOCK_HALF, SEPARABLE)
     rows = n.to(tl.int64)[:, None]
     v = tl.load(v_ptr + b * s_vb + h * s_vh + rows * s_vn + c[None, :] * s_vd, mask=mask_v, other=0.0).to(DOT_DTYPE)
