@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .backend import (
-    BACKENDS, FirstLaunchError, attention_backend, fall_back_after, fused_attention, get_attention_backend, set_attention_backend, uses_kernel,
+    BACKENDS, FirstLaunchError, attention_backend, fused_attention, get_attention_backend, set_attention_backend, uses_kernel,
 )
 from .naive import mlla_attention_naive
 from .parallel import add_mlla_attention_, mlla_attention_torch
@@ -52,7 +52,6 @@ def mlla_attention(
         fused = fused_attention()
         try:
             return fused(qk, v, cos, sin, eps, width or 0)
-        except FirstLaunchError as error:  # 'auto' falls back (with a warning); 'triton' raises what failed
-            if not fall_back_after(error.__cause__):
-                raise error.__cause__ from None
+        except FirstLaunchError:  # 'auto' fell back, with a warning ('triton' raised what failed)
+            pass
     return mlla_attention_torch(qk, v, cos, sin, eps)

@@ -126,8 +126,8 @@ def _tracing_to_plain_graph() -> bool:
 
 
 class FirstLaunchError(RuntimeError):
-    """The fused kernel failed at its first launch for a shape (where Triton compiles it); the
-    error is the ``__cause__``."""
+    """The fused kernel failed at its first launch for a shape (where Triton compiles it) and
+    :func:`fall_back_after` chose the PyTorch form; the error is the ``__cause__``."""
 
 
 def fall_back_after(error: BaseException) -> bool:

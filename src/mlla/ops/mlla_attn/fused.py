@@ -24,13 +24,17 @@ _launched: set[tuple] = set()
 
 
 def _first_launch(pass_: str, qk: torch.Tensor, width: int, run):
-    """``run()``, the first time for this pass and shape with its failure wrapped in :class:`FirstLaunchError`."""
+    """``run()``. The first time for this pass and shape, a failure either raises itself (backend
+    ``"triton"``) or, under ``"auto"``, warns and raises :class:`FirstLaunchError`: the caller then
+    computes the same by the PyTorch form (:func:`fall_back_after` decides)."""
     key = (pass_, qk.shape, qk.dtype, qk.device, width > 0, torch.backends.cuda.matmul.allow_tf32)
     if key in _launched:
         return run()
     try:
         result = run()
     except Exception as error:
+        if not fall_back_after(error):
+            raise
         raise FirstLaunchError(f"the fused MLLA attention kernel ({pass_}) failed at its first launch") from error
     _launched.add(key)
     return result
@@ -90,10 +94,8 @@ class FusedMllaAttention(torch.autograd.Function):
             dqk, dv = _first_launch(
                 "backward", qk, ctx.width, lambda: kernel.backward(grad_out, qk, v, cos, sin, state, ctx.eps, ctx.width)
             )
-        except FirstLaunchError as error:
-            if not fall_back_after(error.__cause__):
-                raise error.__cause__ from None
-            with torch.enable_grad():  # the same gradients by the PyTorch form
+        except FirstLaunchError:
+            with torch.enable_grad():  # 'auto' fell back: the same gradients by the PyTorch form
                 qk_, v_ = qk.detach().requires_grad_(), v.detach().requires_grad_()
                 dqk, dv = torch.autograd.grad(mlla_attention_torch(qk_, v_, cos, sin, ctx.eps), (qk_, v_), grad_out)
         return dqk, dv, None, None, None, None
