@@ -55,8 +55,8 @@ def _bench(out: Path, name: str, *args: str) -> list[str]:
 
 
 def plan(device: str, dry: bool, out: Path) -> list[Step]:
-    """The steps, most important first. ``dry``: tiny sizes and batches, one round, no compilation,
-    the kernel only under Triton's interpreter (CPU)."""
+    """The steps, most important first. ``dry``: tiny sizes and batches, one round, no inductor
+    (the compiled engine step traces with aot_eager), the kernel only under Triton's interpreter (CPU)."""
     py = sys.executable
     attn = ["--attention-backends", "torch"] if dry else ["--attention-backends", "torch", "triton"]
     rounds = ["--rounds", "1", "--warmup", "1"] if dry else ["--rounds", "5", "--warmup", "2"]
@@ -103,6 +103,16 @@ def plan(device: str, dry: bool, out: Path) -> list[Step]:
                                             infer_batches[-1], "--dtypes", *(["fp16"] if dry else ["fp16", "fp32", "tf32"]),
                                             "--models", *MODELS, *attn, *memory, *common), 70),
     ]
+    # The training engine itself (`mlla train`, the demo preset), eager and then with --compile:
+    # does a compiled run, with CUDA graphs on a GPU, train as the eager one does (metrics.jsonl:
+    # losses, top-1, img/s per epoch)? Last: only if time is left.
+    engine = [py, "-m", "mlla", "train", "--preset", "demo", "--device", device, "--epochs", "1" if dry else "3", "--no-progress"]
+    compiled = ["--compile-backend", "aot_eager"] if dry else ["--compile-mode", "reduce-overhead"]
+    steps += [
+        Step("engine_demo_eager", [*engine, "--output", str(out / "engine_demo_eager" / "run")], 60),
+        Step("engine_demo_compiled", [*engine, "--compile", *compiled, "--output", str(out / "engine_demo_compiled" / "run")],
+             180),
+    ]
     if dry:  # a loaded 2-core CPU is slow, and the dry run checks logic, not time
         for step in steps:
             step.timeout_s = 900
@@ -118,8 +128,8 @@ def plan(device: str, dry: bool, out: Path) -> list[Step]:
                                             *infer_batches, "--dtypes", "bf16", "--backends", "cudagraph", "--models", *MODELS,
                                             *attn, "--memory", "none", *common), 90),
         ]
-        # Compiled variants last: inductor's compile time is the least predictable part.
-        steps += [
+        # Compiled variants after the rest: inductor's compile time is the least predictable part.
+        steps[-2:-2] = [
             Step("infer_224_compiled", _bench(out, "infer_224_compiled", "--mode", "infer", "--sizes", size, "--batch-sizes",
                                               "256", "--dtypes", "bf16", "--backends", "compile", "--models", "mlla_tiny",
                                               CONVNEXT, *attn, "--memory", "none", *common), 150),
@@ -220,7 +230,7 @@ def merge(calls: list[Path], out: Path) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (default), or cpu with --dry")
-    p.add_argument("--dry", action="store_true", help="tiny settings, one round, no compilation: checks the steps run")
+    p.add_argument("--dry", action="store_true", help="tiny settings, one round, no inductor: checks the steps run")
     p.add_argument("--plan", action="store_true", help="print the steps' commands and exit")
     p.add_argument("--budget-s", type=float, default=480.0, help="time for all steps together (default: %(default)s)")
     p.add_argument("--only", nargs="+", help="run only these steps (names as in --plan)")

@@ -402,6 +402,15 @@ def test_detection_trains_in_the_one_engine_with_ap_metrics_and_checkpoints(det_
     assert [c["id"] for c in ckpt["categories"]] == [1, 3, 7]
 
 
+def test_compile_is_refused_for_detection_with_the_reason(det_data, tmp_path):
+    from mlla.engine.preflight import SettingsError
+    from mlla.engine.trainer import fit
+
+    with pytest.raises(SettingsError, match="--compile does not apply to the detection task: torchvision's Mask R-CNN"):
+        fit(tiny_config(det_data, tmp_path / "run", compile=True))
+    assert not (tmp_path / "run").exists()
+
+
 _KILL_SCRIPT = """
 import os, signal, sys
 from mlla.engine.trainer import fit

@@ -32,7 +32,9 @@ def test_plan_measures_the_kernel_first_and_compiles_last(tmp_path):
     steps = gpu_all.plan("cuda", False, tmp_path)
     names = [s.name for s in steps]
     assert names[:3] == ["kernel_smoke", "kernel_tests", "attention_kernel"]
-    assert names[-2:] == ["infer_224_compiled", "train_224_compiled"]
+    assert names[-4:] == ["infer_224_compiled", "train_224_compiled", "engine_demo_eager", "engine_demo_compiled"]
+    engine = next(s for s in steps if s.name == "engine_demo_compiled").argv  # `mlla train` with CUDA graphs
+    assert engine[engine.index("--compile-mode") + 1] == "reduce-overhead" and engine[engine.index("--device") + 1] == "cuda"
     for s in steps:
         if "benchmark" in s.argv and s.name != "train_224_compiled":  # compiled training: the kernel only
             assert s.argv[s.argv.index("--attention-backends") + 1:][:2] == ["torch", "triton"]
@@ -45,7 +47,9 @@ def test_plan_measures_the_kernel_first_and_compiles_last(tmp_path):
     assert names.index("infer_224") < names.index("train_224_graphs") < names.index("gpu_profile") < names.index("dense_mask_rcnn")
     assert all(s.timeout_s <= 300 for s in steps)  # a step's own limit; the budget (480 s) cuts the tail
     dry = gpu_all.plan("cpu", True, tmp_path)
-    assert not any("compiled" in s.name for s in dry) and all("triton" not in s.argv for s in dry)
+    assert all("triton" not in s.argv and "compile" not in s.argv for s in dry)  # no inductor on the CPU
+    engine = next(s for s in dry if s.name == "engine_demo_compiled").argv
+    assert engine[engine.index("--compile-backend") + 1] == "aot_eager" and "--compile-mode" not in engine
     assert all("cudagraph" not in s.argv for s in dry)  # CUDA graphs need CUDA
     assert {s.name for s in dry if s.env.get("TRITON_INTERPRET") == "1"} == {
         "kernel_smoke", "kernel_tests", "attention_kernel", "attention_launch_cost"}

@@ -91,6 +91,34 @@ def test_sigterm_then_resume_gives_the_same_weights_bitwise(data4, tmp_path):
         assert (x["train_loss"], x["val_top1"], x["ema_top1"]) == (y["train_loss"], y["val_top1"], y["ema_top1"])
 
 
+def test_compiled_training_matches_eager_and_resumes_bitwise(data4, tmp_path):
+    # aot_eager traces the step as inductor does (dynamo, autograd's joint graph, the partitioner)
+    # without generating code, so the test takes seconds; checkpoints hold the bare model's keys.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    recipe = dict(mixup=0.8, cutmix=1.0, drop_path=0.1, model_ema=True, model_ema_decay=0.9, model_ema_decay_batch=0)
+    compiled = dict(recipe, compile=True, compile_backend="aot_eager")
+    fit(_config(data4, tmp_path / "eager", **recipe))
+    assert not counters["stats"]["unique_graphs"]
+    fit(_config(data4, tmp_path / "compiled", **compiled))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]  # the step is one graph
+    for x, y in zip(_rows(tmp_path / "eager"), _rows(tmp_path / "compiled"), strict=True):
+        assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-4)
+        assert y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-4)
+
+    out = tmp_path / "resumed"
+    assert fit(_config(data4, out, **compiled), on_step=_stop_at({2}))["status"] == "interrupted"
+    assert fit(_config(data4, out, resume="auto", **compiled))["status"] == "finished"
+    a, b = (torch.load(p / "last.pth", weights_only=True) for p in (tmp_path / "compiled", out))
+    assert a["model"].keys() == mlla.create_model("test_mlla", num_classes=4).state_dict().keys()
+    for part in ("model", "model_ema"):
+        for k, v in a[part].items():
+            assert torch.equal(v, b[part][k]), f"{part}.{k}"
+    assert [r["train_loss"] for r in _rows(tmp_path / "compiled")] == [r["train_loss"] for r in _rows(out)]
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(data4, tmp_path, monkeypatch):
     made = []
 

@@ -46,6 +46,10 @@ def data4(tmp_path_factory):
     (dict(img_size=16), "--img-size must be a whole number of at least 32"),
     (dict(workers=-1), "--workers must be 0"),
     (dict(max_failed_fraction=2.0), r"--max-failed-fraction must lie in \[0, 1\]"),
+    (dict(compile_mode="max-autotune"), "--compile-mode max-autotune only apply with --compile"),
+    (dict(compile=True, compile_backend="inductr"), "'inductr' is not a torch.compile backend; use inductor"),
+    (dict(compile=True, compile_backend="aot_eager", compile_mode="max-autotune"), "a mode of the inductor backend"),
+    (dict(compile=True, compile_mode="reduce-overhead"), "reduce-overhead replays CUDA graphs, which need a GPU"),
 ])
 def test_bad_settings_are_refused_before_any_work(data4, tmp_path, setting, match):
     out = tmp_path / "run"

@@ -22,7 +22,7 @@ import yaml
 
 from ..checkpoint import atomic_save
 
-__all__ = ["TrainConfig", "load_yaml", "parse_kwargs", "resolve_config", "save_yaml", "setting"]
+__all__ = ["COMPILE_MODES", "TrainConfig", "load_yaml", "parse_kwargs", "resolve_config", "save_yaml", "setting"]
 
 _logger = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ def setting(default: Any = None, help: str = "", *, group: str, factory: Any = N
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 
+
+#: ``torch.compile``'s modes (``--compile-mode``).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 _RUN, _MODEL, _DATA, _OPT, _EMA = "run", "model", "data", "optimizer and schedule (learning rates at a total batch of --lr-base-size)", "model EMA"
 
@@ -52,6 +55,12 @@ class TrainConfig:
     drop_path: float | None = setting(None, "stochastic depth rate (default: the model's)", group=_MODEL)
     initial_checkpoint: str | None = setting(None, "start from these weights (a training checkpoint gives its raw weights)", group=_MODEL)
     channels_last: bool = setting(False, "channels-last input memory format", group=_MODEL)
+    compile: bool = setting(False, "run the training step's model through torch.compile (the first steps take minutes "
+                            "to compile; evaluation stays eager)", group=_MODEL)
+    compile_mode: str = setting("default", "torch.compile mode with --compile; reduce-overhead replays CUDA graphs (GPU only)",
+                                group=_MODEL, choices=COMPILE_MODES)
+    compile_backend: str = setting("inductor", "torch.compile backend with --compile (aot_eager: no code generation, for debugging)",
+                                   group=_MODEL)
     sync_bn: bool = setting(False, "BatchNorm statistics over all processes", group=_MODEL)
     # data
     data_dir: str | None = setting(None, "dataset root (default: generate the task's demo data in OUTPUT/demo_data)", group=_DATA)
@@ -117,7 +126,8 @@ class TrainConfig:
 
     def unused(self) -> set[str]:
         """Settings these values make no use of (left out of ``--print-config``): the warm-up
-        epochs when warm-up steps are given, the decay knobs of other schedules, the EMA's without an EMA."""
+        epochs when warm-up steps are given, the decay knobs of other schedules, the EMA's without an
+        EMA, the compiler's without ``--compile``."""
         unused = set()
         if self.warmup_steps is not None:
             unused.add("warmup_epochs")
@@ -127,6 +137,8 @@ class TrainConfig:
             unused.add("poly_power")
         if not self.model_ema:
             unused |= {"model_ema_decay", "model_ema_decay_batch"}
+        if not self.compile:
+            unused |= {"compile_mode", "compile_backend"}
         return unused
 
     def to_dict(self) -> dict[str, Any]:

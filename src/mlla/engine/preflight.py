@@ -10,6 +10,8 @@ import math
 import os
 from pathlib import Path
 
+import torch
+
 from ..data import available_cores, default_workers
 from .config import TrainConfig
 from .task import Task
@@ -80,14 +82,45 @@ def _ineffective(cfg: TrainConfig, world_size: int) -> list[str]:
     return warnings
 
 
+def _check_compile(cfg: TrainConfig, task: Task | None, device: torch.device | None) -> None:
+    defaults = TrainConfig.__dataclass_fields__
+    if not cfg.compile:
+        given = [f"--{name.replace('_', '-')} {getattr(cfg, name)}" for name in ("compile_mode", "compile_backend")
+                 if getattr(cfg, name) != defaults[name].default]
+        if given:
+            raise SettingsError(f"{' and '.join(given)} only apply with --compile; add --compile or leave them out")
+        return
+    if task is not None and task.compile_unsupported:
+        raise SettingsError(f"--compile does not apply to the {task.name} task: {task.compile_unsupported}; leave it out")
+    import torch._dynamo
+
+    if cfg.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise SettingsError(f"--compile-backend {cfg.compile_backend!r} is not a torch.compile backend; use inductor "
+                            f"(generates code), aot_eager (only traces, for debugging) or one of "
+                            f"{', '.join(torch._dynamo.list_backends())}")
+    if cfg.compile_mode != "default" and cfg.compile_backend != "inductor":
+        raise SettingsError(f"--compile-mode {cfg.compile_mode} is a mode of the inductor backend, not of "
+                            f"{cfg.compile_backend}; use --compile-backend inductor or leave --compile-mode out")
+    if cfg.compile_mode == "reduce-overhead" and device is not None and device.type != "cuda":
+        raise SettingsError(f"--compile-mode reduce-overhead replays CUDA graphs, which need a GPU, and this run is on "
+                            f"{device.type}; leave it out (or use --device cuda)")
+
+
 def check_settings(
-    cfg: TrainConfig, world_size: int = 1, *, output: Path | None = None, task: Task | None = None, log: bool = True
+    cfg: TrainConfig,
+    world_size: int = 1,
+    *,
+    output: Path | None = None,
+    task: Task | None = None,
+    device: torch.device | None = None,
+    log: bool = True,
 ) -> list[str]:
     """Check ``cfg`` before any work: raise :class:`SettingsError` (a ValueError) for settings that
     cannot work; return (and with ``log`` log) warnings, each with its fix.
 
     ``output`` is the run folder (``--output``); ``task`` (a :class:`~mlla.engine.task.Task`)
-    adds its own checks of its settings and data (:meth:`~mlla.engine.task.Task.check_settings`).
+    adds its own checks of its settings and data (:meth:`~mlla.engine.task.Task.check_settings`);
+    ``device`` is where the run will train (settings that need a GPU are refused elsewhere).
     """
     _positive_int(cfg, "epochs", "--epochs", "give the number of passes over the training data, e.g. --epochs 30")
     _positive_int(cfg, "batch_size", "--batch-size", "give the images per process and step, e.g. -b 64")
@@ -106,6 +139,7 @@ def check_settings(
             f"--max-failed-fraction must lie in [0, 1], got {fraction!r}; e.g. 0.01 stops a run when more than 1% of "
             f"an epoch's samples fail"
         )
+    _check_compile(cfg, task, device)
     if output is not None:
         check_output(output)
     warnings = task.check_settings() if task is not None else []

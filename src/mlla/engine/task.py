@@ -54,6 +54,9 @@ class Task:
     best_metric_label: str = ""
     #: Passed to ``DistributedDataParallel`` (models whose heads skip parameters on some batches).
     find_unused_parameters: bool = False
+    #: Why this task's model cannot run through ``torch.compile`` (``--compile`` is refused with
+    #: it); empty when it can.
+    compile_unsupported: ClassVar[str] = ""
 
     _by_settings: ClassVar[dict[type[TrainConfig], type["Task"]]] = {}
 

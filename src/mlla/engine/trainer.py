@@ -1,7 +1,8 @@
 """The training engine: one loop for every task, on one process or many, resumable.
 
-Per step: the task's loss of a batch under autocast -> all processes agree the loss is finite and
-whether to stop -> backward, gradient clipping, optimizer step -> per-step learning rate -> EMA
+Per step: the task's loss of a batch under autocast (with ``--compile``, the model through
+``torch.compile``) -> the step's one read of the loss from the device; all processes agree it is
+finite and whether to stop -> backward, gradient clipping, optimizer step -> per-step learning rate -> EMA
 update. Per epoch: the task's evaluation of the model and of its EMA, a metrics row, ``last.pth``
 (and ``best.pth``). SIGTERM/SIGINT finish the current step, save ``last.pth`` and return;
 ``--resume auto`` continues bit for bit. What a task computes lives in :mod:`mlla.engine.task`.
@@ -102,7 +103,7 @@ class Trainer:
         self.cfg, self.env, self.on_step = cfg, env, on_step
         self.output = cfg.run_dir()
         self.task = task or Task.for_settings(cfg)
-        check_settings(cfg, env.world_size, output=self.output, task=self.task, log=env.is_main)  # before any work
+        check_settings(cfg, env.world_size, output=self.output, task=self.task, device=env.device, log=env.is_main)  # before any work
         self.resume_from = find_resume(cfg.resume, self.output)
         if self.resume_from is None and (self.output / "last.pth").is_file():
             raise ValueError(
@@ -184,6 +185,13 @@ class Trainer:
             )
             if env.distributed else model
         )
+        self.train_model = self._compiled(self.ddp_model) if cfg.compile else self.ddp_model  # what the steps call
+
+    def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
+        cfg = self.cfg
+        _logger.info("the training step's model runs through torch.compile (backend %s, mode %s): the first steps "
+                     "compile it, which takes minutes; evaluation stays eager", cfg.compile_backend, cfg.compile_mode)
+        return torch.compile(model, backend=cfg.compile_backend, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
 
     def _build_optimization(self) -> None:
         cfg, env = self.cfg, self.env
@@ -294,18 +302,20 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------------------ loop
-    def _agree(self, loss: torch.Tensor) -> tuple[bool, bool]:
-        """(every process's loss is finite, some process was asked to stop): one all-reduce,
-        so all processes raise or stop at the same step."""
-        flags = torch.stack([(~torch.isfinite(loss.detach())).float().cpu(), torch.tensor(float(self.stop.requested))])
+    def _agree(self, loss: torch.Tensor) -> tuple[float, bool, bool]:
+        """(this process's loss, every process's loss is finite, some process was asked to stop):
+        the step's one wait for the device (the loss, before the backward) and one all-reduce, so
+        all processes raise or stop at the same step."""
+        value = loss.detach().float().cpu().item()
+        flags = torch.tensor([float(not math.isfinite(value)), float(self.stop.requested)])
         flags = all_reduce_sum(flags, self.env)
-        return bool(flags[0] == 0), bool(flags[1] > 0)
+        return value, bool(flags[0] == 0), bool(flags[1] > 0)
 
-    def _nonfinite_error(self, loss: torch.Tensor, batch: int) -> RuntimeError:
+    def _nonfinite_error(self, loss: float, batch: int) -> RuntimeError:
         last = self.output / "last.pth"
         kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint had been written yet"
         return RuntimeError(
-            f"loss became {loss.item()} at epoch {self.epoch + 1}, step {batch + 1} (global step {self.global_step + 1}); "
+            f"loss became {loss} at epoch {self.epoch + 1}, step {batch + 1} (global step {self.global_step + 1}); "
             f"stopped without saving: {kept}. Lower --lr, set --clip-grad, or turn off --amp, then --resume auto"
         )
 
@@ -320,7 +330,7 @@ class Trainer:
             self.train_set.set_epoch(self.epoch)
         self.train_loader.sampler.set_epoch(self.epoch, start=self.step_in_epoch * cfg.batch_size)
         ema = self.ema.module if self.ema is not None else None
-        self.ddp_model.train()
+        self.train_model.train()
         bar = tqdm(
             self.train_loader, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", initial=self.step_in_epoch,
             total=self.steps_per_epoch, disable=not (cfg.progress and env.is_main), dynamic_ncols=True,
@@ -328,10 +338,10 @@ class Trainer:
         for inputs, targets, skipped in bar:
             inputs, targets = self.task.to_device(inputs, targets, env.device)
             with self.autocast():
-                loss, parts = self.task.training_loss(self.ddp_model, inputs, targets, ema=ema, epoch=self.epoch)
-            finite, stop = self._agree(loss)
+                loss, parts = self.task.training_loss(self.train_model, inputs, targets, ema=ema, epoch=self.epoch)
+            loss_value, finite, stop = self._agree(loss)
             if not finite:
-                raise self._nonfinite_error(loss, self.step_in_epoch)
+                raise self._nonfinite_error(loss_value, self.step_in_epoch)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if cfg.clip_grad:
@@ -344,8 +354,8 @@ class Trainer:
             self.scheduler.step_update(self.global_step)
             if self.ema is not None:
                 self.ema.update(self.model)
-            self._count(loss=loss.item(), steps=1, images=self.task.num_images(inputs), skipped=skipped, **parts)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}", refresh=False)
+            self._count(loss=loss_value, steps=1, images=self.task.num_images(inputs), skipped=skipped, **parts)
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.3g}", refresh=False)
             if self.on_step is not None:
                 self.on_step(self.global_step)
             if stop or (cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0):
@@ -409,7 +419,8 @@ class Trainer:
                                  metric_label=self.task.best_metric_label)
                     self._log_epoch(row)
                 self.save_last()
-                if self._agree(torch.zeros(()))[1]:
+                _, _, stop = self._agree(torch.zeros(()))
+                if stop:
                     status = "interrupted"
                     break
         if env.is_main:

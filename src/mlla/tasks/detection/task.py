@@ -126,6 +126,8 @@ class DetectionTask(Task):
     best_metric = "bbox_AP"
     best_metric_label = "box AP"
     find_unused_parameters = False
+    compile_unsupported = ("torchvision's Mask R-CNN sizes its tensors by the data (images of many sizes, a "
+                           "varying number of proposals and boxes), which torch.compile would recompile for or break on")
     cfg: DetectionConfig
 
     def __init__(self, cfg: DetectionConfig) -> None:
