@@ -233,6 +233,15 @@ def test_readme_gpu_section_is_generated_from_the_committed_results():
     assert sum(_module("op_count").count_ops("mlla_tiny").values()) == mlla_tiny["ops"]  # still true of the model
 
 
+def test_op_count_of_a_training_step_counts_the_backward_and_autocasts_casts():
+    op_count = _module("op_count")
+    step = op_count.count_train_ops("test_mlla", 64)
+    forward = op_count.count_ops("test_mlla", 64)
+    assert step["convolution_backward"] == step["convolution"] == forward["convolution"] > 0
+    assert step["native_layer_norm_backward"] == step["native_layer_norm"] > 0
+    assert step["_to_copy"] > 2 * step["addmm"] and not forward["_to_copy"]  # autocast casts weights and biases, eval runs none
+
+
 def test_saved_activations_splits_per_image_from_fixed_bytes_by_module():
     """benchmarks/saved_activations.py: batch two minus batch one per image, by module; the fused
     attention's form saves less than the PyTorch form's (it keeps only its inputs and a d x d state)."""
