@@ -92,12 +92,10 @@ def _check_compile(cfg: TrainConfig, task: Task | None, device: torch.device | N
         return
     if task is not None and task.compile_unsupported:
         raise SettingsError(f"--compile does not apply to the {task.name} task: {task.compile_unsupported}; leave it out")
-    import torch._dynamo
-
-    if cfg.compile_backend not in torch._dynamo.list_backends(exclude_tags=()):
+    if cfg.compile_backend not in torch.compiler.list_backends(exclude_tags=()):
         raise SettingsError(f"--compile-backend {cfg.compile_backend!r} is not a torch.compile backend; use inductor "
                             f"(generates code), aot_eager (only traces, for debugging) or one of "
-                            f"{', '.join(torch._dynamo.list_backends())}")
+                            f"{', '.join(torch.compiler.list_backends())}")
     if cfg.compile_mode != "default" and cfg.compile_backend != "inductor":
         raise SettingsError(f"--compile-mode {cfg.compile_mode} is a mode of the inductor backend, not of "
                             f"{cfg.compile_backend}; use --compile-backend inductor or leave --compile-mode out")
@@ -120,7 +118,7 @@ def check_settings(
 
     ``output`` is the run folder (``--output``); ``task`` (a :class:`~mlla.engine.task.Task`)
     adds its own checks of its settings and data (:meth:`~mlla.engine.task.Task.check_settings`);
-    ``device`` is where the run will train (settings that need a GPU are refused elsewhere).
+    ``device`` is where the run will train (None: not known yet, so settings that need a GPU are not checked).
     """
     _positive_int(cfg, "epochs", "--epochs", "give the number of passes over the training data, e.g. --epochs 30")
     _positive_int(cfg, "batch_size", "--batch-size", "give the images per process and step, e.g. -b 64")

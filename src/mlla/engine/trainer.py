@@ -306,7 +306,7 @@ class Trainer:
         """(this process's loss, every process's loss is finite, some process was asked to stop):
         the step's one wait for the device (the loss, before the backward) and one all-reduce, so
         all processes raise or stop at the same step."""
-        value = loss.detach().float().cpu().item()
+        value = loss.detach().float().item()
         flags = torch.tensor([float(not math.isfinite(value)), float(self.stop.requested)])
         flags = all_reduce_sum(flags, self.env)
         return value, bool(flags[0] == 0), bool(flags[1] > 0)
