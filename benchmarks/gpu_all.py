@@ -42,12 +42,14 @@ MODELS = ["mlla_tiny", SWIN, CONVNEXT, VIT, MAMBAOUT]
 
 @dataclass
 class Step:
-    """One measurement: a command, its time limit, extra environment variables."""
+    """One measurement: a command, its time limit, extra environment variables, and what it writes
+    under its folder that is not a result (globs, deleted after it ran: data, checkpoints)."""
 
     name: str
     argv: list[str]
     timeout_s: int
     env: dict[str, str] = field(default_factory=dict)
+    scratch: tuple[str, ...] = ()
 
 
 def _bench(out: Path, name: str, *args: str) -> list[str]:
@@ -108,10 +110,11 @@ def plan(device: str, dry: bool, out: Path) -> list[Step]:
     # losses, top-1, img/s per epoch)? Last: only if time is left.
     engine = [py, "-m", "mlla", "train", "--preset", "demo", "--device", device, "--epochs", "1" if dry else "3", "--no-progress"]
     compiled = ["--compile-backend", "aot_eager"] if dry else ["--compile-mode", "reduce-overhead"]
+    scratch = ("run/demo_data", "run/*.pth")  # the generated images and the demo model's checkpoints
     steps += [
-        Step("engine_demo_eager", [*engine, "--output", str(out / "engine_demo_eager" / "run")], 60),
+        Step("engine_demo_eager", [*engine, "--output", str(out / "engine_demo_eager" / "run")], 60, scratch=scratch),
         Step("engine_demo_compiled", [*engine, "--compile", *compiled, "--output", str(out / "engine_demo_compiled" / "run")],
-             180),
+             180, scratch=scratch),
     ]
     if dry:  # a loaded 2-core CPU is slow, and the dry run checks logic, not time
         for step in steps:
@@ -187,6 +190,12 @@ def run(steps: list[Step], out: Path, budget_s: float, device: str, dry: bool) -
                     proc.wait()
                     record["status"] = f"timed out after {limit:.0f} s"
             record["wall_s"] = round(time.monotonic() - t0, 1)
+            for pattern in step.scratch:
+                for path in (out / step.name).glob(pattern):
+                    if path.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
         if step.name == "kernel_smoke" and record["status"] != "ok":
             without_kernel = True
             record["note"] = "the fused kernel failed: later steps ran without the 'triton' attention backend"

@@ -103,14 +103,18 @@ def test_run_records_every_step_and_keeps_to_the_budget(tmp_path, monkeypatch):
     gpu_all = _module("gpu_all")
     monkeypatch.setattr(gpu_all, "_machine", lambda device: dict(device=device))
     py = sys.executable
+    writes = ("import pathlib, sys; run = pathlib.Path(sys.argv[1]); (run / 'data').mkdir(parents=True); "
+              "(run / 'data' / 'x.png').write_text('x'); (run / 'last.pth').write_text('x'); (run / 'metrics.csv').write_text('x')")
     steps = [
         gpu_all.Step("ok", [py, "-c", "print('hello')"], 30),
+        gpu_all.Step("train", [py, "-c", writes, str(tmp_path / "train" / "run")], 30, scratch=("run/data", "run/*.pth")),
         gpu_all.Step("fails", [py, "-c", "raise SystemExit(3)"], 30),
         gpu_all.Step("slow", [py, "-c", "import time; time.sleep(30)"], 1),
     ]
     manifest = gpu_all.run(steps, tmp_path, budget_s=100, device="cpu", dry=True)
     status = {s["name"]: s["status"] for s in manifest["steps"]}
-    assert status == {"ok": "ok", "fails": "failed (exit 3)", "slow": "timed out after 1 s"}
+    assert status == {"ok": "ok", "train": "ok", "fails": "failed (exit 3)", "slow": "timed out after 1 s"}
+    assert [p.name for p in (tmp_path / "train" / "run").iterdir()] == ["metrics.csv"]  # its scratch files are gone
     assert (tmp_path / "logs" / "ok.log").read_text().strip() == "hello"
     assert json.loads((tmp_path / "manifest.json").read_text())["steps"] == manifest["steps"]
     manifest = gpu_all.run(steps[:1], tmp_path, budget_s=10, device="cpu", dry=True)  # 10 s left < 30 s needed
@@ -171,6 +175,15 @@ def test_gpu_table_checks_every_target_from_the_files(tmp_path):
     assert table.main(["--results", str(tmp_path), "--readme", str(readme)]) == 0
     assert table.main(["--results", str(tmp_path), "--readme", str(readme), "--check"]) == 0
     assert "old" not in readme.read_text() and readme.read_text().endswith(f"{table.END}\nrest\n")
+    assert "Training through the engine" not in readme.read_text()  # no engine step ran
+    (tmp_path / "engine_demo_compiled" / "run").mkdir(parents=True)
+    (tmp_path / "engine_demo_compiled" / "run" / "metrics.csv").write_text(
+        "epoch,train_loss,val_top1,epoch_time_s,train_img_per_s\n1,2.25,27.8,61.5,48.1\n2,1.62,60.0,5.4,549.2\n")
+    manifest["steps"].append(dict(name="engine_demo_compiled", status="ok", command="python -m mlla train --compile"))
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    text = table.render(table.load(tmp_path))
+    assert "| engine_demo_compiled | 2 | 1.6200 | 60.00 | 5.4 | 549 |" in text
+    assert "- engine_demo_compiled: `python -m mlla train --compile`" in text
     (tmp_path / "manifest.json").write_text(json.dumps(dict(manifest, dry=True)))
     assert "**Dry run (tiny settings on a CPU): these are not GPU figures.**" in table.render(table.load(tmp_path))
     with pytest.raises(SystemExit, match="holds a dry run"):
