@@ -116,6 +116,32 @@ def test_profile_breakdown_accounts_for_the_forward(monkeypatch):
     assert "dense convolutions" in dense and "depthwise convolutions" not in dense
 
 
+def test_cpu_allocator_times_steps_per_process_and_takes_the_median_of_rounds(tmp_path):
+    """benchmarks/cpu_allocator.py: a process times its training steps (here with the allocator as
+    it is: the retained one cannot be undone in the test process); rounds reduce to medians."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_allocator.py"
+    spec = importlib.util.spec_from_file_location("cpu_allocator", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = module.parse_args(["--model", "test_mlla", "--img-size", "32", "--batch-size", "2", "--steps", "2", "--worker", "default"])
+    measured = module.worker(args)
+    assert len(measured["step_s"]) == 2 and min(measured["step_s"]) > 0 and measured["peak_rss_mib"] > 0
+
+    def run(medians, rss):
+        return [dict(step_s=[m * 0.9, m, m * 1.5], peak_rss_mib=r) for m, r in zip(medians, rss)]
+
+    rows = module.summarize(args, dict(default=run([3.0, 5.0, 4.0], [100, 120, 110]), retain=run([2.0, 3.0, 2.5], [200, 220, 210])))
+    default, retain = rows
+    assert (default["img_per_s"], retain["img_per_s"]) == (pytest.approx(2 / 4.0), pytest.approx(2 / 2.5))
+    assert retain["speed_vs_default"] == pytest.approx(1.6) and retain["memory_vs_default"] == pytest.approx(210 / 110)
+    module.write(rows, tmp_path, dict(machine="cpu", threads=2, torch="x", warmup=1, steps=3, command="python x"))
+    table = (tmp_path / "cpu_allocator.md").read_text()
+    assert "| test_mlla | 32 | 2 | retain | 0.80 | 1.00, 0.67, 0.80 | 1.60x | 210 | 1.91x |" in table
+
+
 def _readme_table_module():
     import importlib.util
     from pathlib import Path
