@@ -188,6 +188,8 @@ class Trainer:
         self.train_model = self._compiled(self.ddp_model) if cfg.compile else self.ddp_model  # what the steps call
 
     def _compiled(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` (DDP-wrapped under torchrun) through ``torch.compile`` with ``--compile-backend``
+        and ``--compile-mode``; ``self.model`` stays the bare module that is saved and evaluated."""
         cfg = self.cfg
         _logger.info("the training step's model runs through torch.compile (backend %s, mode %s): the first steps "
                      "compile it, which takes minutes; evaluation stays eager", cfg.compile_backend, cfg.compile_mode)
