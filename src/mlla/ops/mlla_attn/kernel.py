@@ -90,17 +90,23 @@ def _store_pairs(base, n, mask_n, s_n, ga, gb, HALF: tl.constexpr, BLOCK_N: tl.c
 
 
 @triton.jit
+def _state_pointers(state_ptr, index, HALF: tl.constexpr, DV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                    BLOCK_DV: tl.constexpr):
+    """Pointers to the first row half of ``kv`` ``(d/2, d)`` and of the key sum ``(d/2)`` in state
+    row ``index`` (the second halves follow at ``+ HALF * DV`` and ``+ HALF``), with their masks."""
+    p = tl.arange(0, BLOCK_HALF)
+    c = tl.arange(0, BLOCK_DV)
+    mask_p = p < HALF
+    row = state_ptr + index.to(tl.int64) * (2 * HALF * DV + 2 * HALF)
+    return row + p[:, None] * DV + c[None, :], row + 2 * HALF * DV + p, mask_p[:, None] & (c < DV)[None, :], mask_p
+
+
+@triton.jit
 def _load_state(state_ptr, index, scale, HALF: tl.constexpr, DV: tl.constexpr, BLOCK_HALF: tl.constexpr,
                 BLOCK_DV: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """Row halves of ``kv`` (or its gradient) ``(d, d)`` and of the key sum ``(d)`` of state row
     ``index``, times ``scale``."""
-    p = tl.arange(0, BLOCK_HALF)
-    c = tl.arange(0, BLOCK_DV)
-    mask_p = p < HALF
-    mask = mask_p[:, None] & (c < DV)[None, :]
-    row = state_ptr + index.to(tl.int64) * (2 * HALF * DV + 2 * HALF)
-    kv = row + p[:, None] * DV + c[None, :]
-    km = row + 2 * HALF * DV + p
+    kv, km, mask, mask_p = _state_pointers(state_ptr, index, HALF, DV, BLOCK_HALF, BLOCK_DV)
     kv_a = (tl.load(kv, mask=mask, other=0.0) * scale).to(DOT_DTYPE)
     kv_b = (tl.load(kv + HALF * DV, mask=mask, other=0.0) * scale).to(DOT_DTYPE)
     return kv_a, kv_b, tl.load(km, mask=mask_p, other=0.0) * scale, tl.load(km + HALF, mask=mask_p, other=0.0) * scale
@@ -110,13 +116,7 @@ def _load_state(state_ptr, index, scale, HALF: tl.constexpr, DV: tl.constexpr, B
 def _store_state(state_ptr, index, kv_a, kv_b, km_a, km_b, HALF: tl.constexpr, DV: tl.constexpr,
                  BLOCK_HALF: tl.constexpr, BLOCK_DV: tl.constexpr):
     """Store row halves of ``kv`` (or its gradient) and of the key sum (or its gradient) as state row ``index``."""
-    p = tl.arange(0, BLOCK_HALF)
-    c = tl.arange(0, BLOCK_DV)
-    mask_p = p < HALF
-    mask = mask_p[:, None] & (c < DV)[None, :]
-    row = state_ptr + index.to(tl.int64) * (2 * HALF * DV + 2 * HALF)
-    kv = row + p[:, None] * DV + c[None, :]
-    km = row + 2 * HALF * DV + p
+    kv, km, mask, mask_p = _state_pointers(state_ptr, index, HALF, DV, BLOCK_HALF, BLOCK_DV)
     tl.store(kv, kv_a, mask=mask)
     tl.store(kv + HALF * DV, kv_b, mask=mask)
     tl.store(km, km_a, mask=mask_p)
