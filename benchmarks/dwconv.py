@@ -30,14 +30,14 @@ import torch.nn.functional as F
 
 from mlla.benchmark import DTYPES, environment, time_interleaved
 from mlla.checkpoint import atomic_save
+from mlla.layers.conv import channels_last_kernel
 
 STAGE_CHANNELS = (64, 128, 256, 512)  # MLLA-T; stage s has grid size / 4 / 2**s
 
 
 def _forms(x_tokens: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     C = weight.shape[0]
-    w_cl = weight.contiguous(memory_format=torch.channels_last)
-    w_cl = w_cl.as_strided(w_cl.shape, (9, 1, 3, 1))
+    w_cl = channels_last_kernel(weight)  # as the model's convolutions mark their kernels
 
     def channels_last(t: torch.Tensor) -> torch.Tensor:
         return F.conv2d(t.permute(0, 3, 1, 2), w_cl, bias, padding=1, groups=C).permute(0, 2, 3, 1)
