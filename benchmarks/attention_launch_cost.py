@@ -7,7 +7,8 @@ or the GPU that runs them.
 For bfloat16 inputs of five shapes (``(grid, batch, heads)``: MLLA-T's stage 1 at 1024^2 batch 4,
 its stage 4 there, stages 1 and 4 at 224 batch 128, stage 4 at batch 1), each attention backend
 and each pass (``fwd``; ``fwdbwd``: forward, ``sum()`` and backward), after 5 warm-up calls: the
-CPU time to queue one call (50 calls without synchronising), the time per call once the GPU has
+CPU time to queue one call (50 calls without synchronising; the grid's width passed, as the model
+does), the time per call once the GPU has
 finished them, the GPU's busy time per call (``torch.profiler`` kernel durations, 10 calls) with
 its launches, and the 8 longest kernels. Queue time near the time per call and far above busy
 time: the call is bound by the CPU. Writes the JSON given.
@@ -15,10 +16,12 @@ time: the call is bound by the CPU. Writes the JSON given.
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from mlla.checkpoint import atomic_save
 from mlla.ops import attention_backend, rope_2d_head_tables
 from mlla.ops.mlla_attn import mlla_attention
 
@@ -37,9 +40,9 @@ for (grid, B, H) in (SHAPES if dev.type == "cuda" else SHAPES[-1:]):
                 with attention_backend(backend):
                     if p == "fwd":
                         with torch.no_grad():
-                            mlla_attention(qk, v, cos, sin)
+                            mlla_attention(qk, v, cos, sin, width=grid)
                     else:
-                        mlla_attention(qk, v, cos, sin).sum().backward()
+                        mlla_attention(qk, v, cos, sin, width=grid).sum().backward()
             for _ in range(5):
                 step()
             sync()
@@ -64,4 +67,4 @@ for (grid, B, H) in (SHAPES if dev.type == "cuda" else SHAPES[-1:]):
                             kernels=dict(sorted(by.items(), key=lambda kv: -kv[1])[:8]))
             print(key, {k: (round(v, 1) if isinstance(v, float) else v) for k, v in res[key].items() if k != "kernels"}, flush=True)
             print("   ", {k: round(v, 1) for k, v in res[key]["kernels"].items()}, flush=True)
-json.dump(res, open(sys.argv[1], "w"), indent=1)
+atomic_save(lambda tmp: Path(tmp).write_text(json.dumps(res, indent=1)), sys.argv[1])
