@@ -90,13 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         views = sum(n for op, n in counts.items() if op in VIEWS)
         rows.append(dict(model=name, ops=sum(counts.values()), views=views, compute_ops=sum(counts.values()) - views,
                          **(dict(casts=counts["_to_copy"]) if train else {}), top=dict(counts.most_common(12))))
-    if train:
-        lines = ["| model | ATen ops per training step | of which views | other ops | of which casts (`_to_copy`, mostly autocast's) |",
-                 "|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['ops']} | {r['views']} | {r['compute_ops']} | {r['casts']} |" for r in rows]
-    else:
-        lines = ["| model | ATen ops per forward | of which views | other ops |", "|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['ops']} | {r['views']} | {r['compute_ops']} |" for r in rows]
+    head = ["model", f"ATen ops per {'training step' if train else 'forward'}", "of which views", "other ops"]
+    head += ["of which casts (`_to_copy`, mostly autocast's)"] if train else []
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    lines += ["| " + " | ".join(str(r[k]) for k in ("model", "ops", "views", "compute_ops", "casts") if k in r) + " |"
+              for r in rows]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = "op_count_train" if train else "op_count"
