@@ -29,6 +29,7 @@ _SHOWN_BY = (
     ("tasks/study/", ("ablate",), all),
     ("checkpoint.py", ("validate", "convert", "train"), any),
     ("benchmark.py", ("benchmark",), any),
+    ("ops/mlla_attn/backend.py", _TRAIN + ("validate", "det eval", "seg eval", "det predict", "seg predict", "benchmark"), all),
     ("commands/det.py", ("det train", "det eval", "det predict"), any),
     ("commands/seg.py", ("seg train", "seg eval", "seg predict"), any),
     ("commands/_task.py", ("det train", "det eval", "det predict", "seg train", "seg eval", "seg predict"), any),

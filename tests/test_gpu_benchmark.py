@@ -200,7 +200,7 @@ def test_benchmark_spec_attention_variants_and_precision_settings(monkeypatch):
         ("mlla_tiny", "torch"), ("mlla_tiny", "triton"), ("convnext_tiny", "torch")]
     assert spec.variants()[1].label == "mlla_tiny bf16 triton-attention"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="attention backend 'triton' runs on CUDA"):
+    with pytest.raises(ValueError, match="attention backend triton runs the fused kernel on CUDA"):
         spec.validate()
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         BenchmarkSpec(["mlla_tiny"], attention_backends=("flash",)).validate()

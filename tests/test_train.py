@@ -15,6 +15,7 @@ import torch
 import mlla
 from mlla.tasks.classification import DEMO_CLASSES, make_demo_dataset
 from mlla.engine import fit
+from mlla.layers.attention import MllaLinearAttention
 from mlla.tasks.classification.settings import ClassificationConfig
 from mlla.tasks.classification import task as classification_module
 
@@ -117,6 +118,38 @@ def test_compiled_training_matches_eager_and_resumes_bitwise(data4, tmp_path):
         for k, v in a[part].items():
             assert torch.equal(v, b[part][k]), f"{part}.{k}"
     assert [r["train_loss"] for r in _rows(tmp_path / "compiled")] == [r["train_loss"] for r in _rows(out)]
+
+
+def test_attention_backend_setting_chooses_the_kernel_for_training_and_evaluation(data4, tmp_path, monkeypatch):
+    # Without CUDA the kernel runs in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest).
+    pytest.importorskip("triton")
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("the kernel needs CUDA or TRITON_INTERPRET=1 set before Triton is imported")
+    import mlla.ops.mlla_attn as attention
+
+    launches, fused = [], attention.fused_attention
+    monkeypatch.setattr(attention, "fused_attention", lambda: launches.append(attention.get_attention_backend()) or fused())
+    runs = {}
+    for backend in ("torch", "triton"):
+        runs[backend] = fit(_config(data4, tmp_path / backend, epochs=1, model_ema=False, attention_backend=backend))
+        assert attention.get_attention_backend() == "auto"  # the process's setting is restored after the run
+    layers = sum(isinstance(m, MllaLinearAttention) for m in mlla.create_model("test_mlla").modules())
+    # Every attention call of the triton run, none of the torch run: 4 training steps and 2 validation batches.
+    assert launches == ["triton"] * layers * (4 + 2)
+    # Compiled with the kernel: one graph with the kernel as a custom op, no break, no recompilation.
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(attention, "fused_attention", fused)  # the counting one would be traced
+
+    torch._dynamo.reset()
+    counters.clear()
+    fit(_config(data4, tmp_path / "compiled", epochs=1, model_ema=False, attention_backend="triton", compile=True,
+                compile_backend="aot_eager"))
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    for run in ("triton", "compiled"):
+        for x, y in zip(_rows(tmp_path / "torch"), _rows(tmp_path / run), strict=True):
+            assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-4)
+            assert y["val_loss"] == pytest.approx(x["val_loss"], rel=1e-4)
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(data4, tmp_path, monkeypatch):

@@ -58,6 +58,18 @@ def test_bad_settings_are_refused_before_any_work(data4, tmp_path, setting, matc
     assert not out.exists()
 
 
+def test_an_attention_backend_that_cannot_apply_is_refused(data4, tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the kernel on a CPU only in Triton's interpreter
+    out = tmp_path / "run"
+    with pytest.raises(SettingsError, match="--attention-backend triton (runs the fused kernel on CUDA, and this runs on cpu|needs Triton)"):
+        fit(_config(data4, out, attention_backend="triton"))
+    assert not out.exists()
+    # The ablation models' attention is another layer, which the setting does not switch.
+    with pytest.raises(SettingsError, match="--attention-backend torch applies to models with MLLA's attention .*ablation_baseline has none"):
+        fit(_config(data4, out, model="ablation_baseline", attention_backend="torch"))
+    assert not out.exists()
+
+
 def test_bad_output_and_data_are_refused_with_what_to_do(data4, tmp_path):
     afile = tmp_path / "file.txt"
     afile.write_text("x")

@@ -2,7 +2,9 @@
 and clear errors for checkpoints that do not fit the data."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +108,22 @@ def test_validate_our_checkpoint_matches_the_training_run_raw_and_ema(tmp_path, 
     assert raw["top1"] == pytest.approx(row["val_top1"]) and raw["loss"] == pytest.approx(row["val_loss"], rel=1e-5)
     assert ema["top1"] == pytest.approx(row["ema_top1"]) and ema["top5"] == pytest.approx(row["ema_top5"])
     assert ema["ema"] and abs(ema["loss"] - raw["loss"]) > 1e-6  # other weights: the EMA ones, not the raw ones
+
+
+def test_validate_attention_backend_gives_the_same_result_and_is_refused_where_it_cannot_apply(tmp_path, capsys, monkeypatch):
+    data = make_demo_dataset(tmp_path / "data", 2, 3, classes=DEMO_CLASSES[:3], progress=False)
+    checkpoint = tmp_path / "model.pth"
+    torch.save(mlla.create_model("test_mlla", num_classes=3).state_dict(), checkpoint)
+    args = ["--model", "test_mlla", "--data-dir", str(data), "--checkpoint", str(checkpoint), "--img-size", "32"]
+    torch_form = _validate(capsys, *args, "--attention-backend", "torch")
+    if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1":  # conftest, without CUDA
+        kernel = _validate(capsys, *args, "--attention-backend", "triton")
+        assert kernel["loss"] == pytest.approx(torch_form["loss"], rel=1e-5) and kernel["top1"] == torch_form["top1"]
+    assert mlla.ops.get_attention_backend() == "auto"
+    # The kernel outside CUDA (without Triton's interpreter), and a model without MLLA's attention.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["validate", *args, "--attention-backend", "triton", "--device", "cpu"]) == 2
+    assert "--attention-backend triton" in capsys.readouterr().err
+    torch.save(mlla.create_model("ablation_baseline", num_classes=3).state_dict(), checkpoint)
+    assert main(["validate", *args[:1], "ablation_baseline", *args[2:], "--attention-backend", "torch"]) == 2
+    assert "applies to models with MLLA's attention" in capsys.readouterr().err

@@ -183,16 +183,11 @@ def _uses_mlla_attention(name: str) -> bool:
 
 
 def _check_attention_backends(names: Sequence[str], device: str) -> None:
-    """Refuse attention backends that cannot run: unknown names, or the kernel without CUDA (or
-    without Triton's CPU interpreter, ``TRITON_INTERPRET=1``)."""
-    from .ops.mlla_attn.backend import BACKENDS, interpreter_requested
+    """Refuse attention backends that cannot run on ``device`` (:func:`mlla.ops.mlla_attn.backend.check_backend`)."""
+    from .ops.mlla_attn.backend import check_backend
 
     for name in names:
-        if name not in BACKENDS:
-            raise ValueError(f"unknown attention backend {name!r}; choose from {BACKENDS}")
-    if "triton" in names and not (device.startswith("cuda") or interpreter_requested()):
-        raise ValueError("attention backend 'triton' runs on CUDA (--device cuda), or on the CPU only under "
-                         "TRITON_INTERPRET=1 (Triton's interpreter, for checks, not speed)")
+        check_backend(name, torch.device(device).type)
 
 
 @contextlib.contextmanager

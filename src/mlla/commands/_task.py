@@ -4,13 +4,17 @@ checkpoint (``det eval``, ``seg eval``) and of drawing predictions, and the fail
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 from ..engine.task import Task
 
-__all__ = ["MAX_FAILED_HELP", "add_eval_arguments", "add_predict_arguments", "add_train_command", "check_failed", "eval_loader", "find_images"]
+__all__ = [
+    "MAX_FAILED_HELP", "add_attention_backend_argument", "add_eval_arguments", "add_predict_arguments", "add_train_command",
+    "check_failed", "checked_attention_backend", "eval_loader", "find_images",
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -52,6 +56,31 @@ def _train(task: type[Task], args: argparse.Namespace, report: Callable[[dict[st
     return 0
 
 
+def add_attention_backend_argument(p: argparse.ArgumentParser) -> None:
+    """``--attention-backend`` of a command that runs a model (the training commands have it as a setting)."""
+    from ..ops.mlla_attn.backend import BACKENDS
+
+    p.add_argument("--attention-backend", default="auto", choices=BACKENDS,
+                   help="how MLLA's attention runs: auto (default: the fused Triton kernel on CUDA, the PyTorch form "
+                   "elsewhere), torch, or triton (CUDA only)")
+
+
+def checked_attention_backend(args: argparse.Namespace, model: Any, device: Any) -> Callable[[], ContextManager[None]]:
+    """A new context per call to run ``model`` on ``device`` in with the command's
+    ``--attention-backend``; raises a ValueError where that backend cannot run there or ``model``
+    has no MLLA attention."""
+    from ..layers.attention import follows_attention_backend
+    from ..ops import attention_backend
+    from ..ops.mlla_attn.backend import check_backend
+
+    name = args.attention_backend
+    check_backend(name, device.type, "--attention-backend")
+    if name != "auto" and not follows_attention_backend(model):
+        raise ValueError(f"--attention-backend {name} applies to models with MLLA's attention (MllaLinearAttention), "
+                         f"and this {type(model).__name__} has none; leave it out")
+    return functools.partial(attention_backend, name)
+
+
 def add_eval_arguments(p: argparse.ArgumentParser, run: str) -> None:
     """``--checkpoint``, where the data is (by default the run's) and how to run the evaluation:
     the same for every task's ``eval`` command (``run``: the training command, for the help)."""
@@ -64,6 +93,7 @@ def add_eval_arguments(p: argparse.ArgumentParser, run: str) -> None:
     p.add_argument("--max-failed-fraction", type=float, default=0.01, help=MAX_FAILED_HELP)
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    add_attention_backend_argument(p)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -87,6 +117,7 @@ def add_predict_arguments(p: argparse.ArgumentParser, run: str) -> None:
     p.add_argument("--checkpoint", required=True, help=f"last.pth or best.pth of a `{run}` run")
     p.add_argument("--use-ema", action="store_true", help="the EMA weights of the checkpoint")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
+    add_attention_backend_argument(p)
     p.add_argument("--max-failed-fraction", type=float, default=1.0,
                    help="exit with an error when more than this fraction of the images cannot be read (default 1: "
                    "draw every readable image, skipping and counting the others; an error only when none is readable)")

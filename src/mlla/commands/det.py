@@ -13,7 +13,9 @@ import json
 import logging
 from typing import Any
 
-from ._task import add_eval_arguments, add_predict_arguments, add_train_command, check_failed, eval_loader, find_images
+from ._task import (
+    add_eval_arguments, add_predict_arguments, add_train_command, check_failed, checked_attention_backend, eval_loader, find_images,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -72,7 +74,8 @@ def run_eval(args: argparse.Namespace) -> int:
     env = DistEnv(device=pick_device(args.device))
     model.to(env.device)
     autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
-    metrics = evaluate_detector(model, loader, env, autocast=autocast, progress=args.progress)
+    with checked_attention_backend(args, model, env.device)():
+        metrics = evaluate_detector(model, loader, env, autocast=autocast, progress=args.progress)
     if args.json:
         print(json.dumps(dict(checkpoint=str(args.checkpoint), data=str(data_dir), split=split, **metrics), indent=1))
         return 0
@@ -96,6 +99,7 @@ def run_predict(args: argparse.Namespace) -> int:
     model.to(device)
     names = {i + 1: c["name"] for i, c in enumerate(task.categories)}
     files = find_images(args.inputs, is_output=lambda f: f.name.endswith(_OUTPUT_SUFFIX))
+    backend = checked_attention_backend(args, model, device)
     written, failed = 0, 0
     for path in files:
         try:
@@ -106,7 +110,7 @@ def run_predict(args: argparse.Namespace) -> int:
             failed += 1
             continue
         pixels = pil_to_tensor(image)
-        with torch.no_grad():
+        with torch.no_grad(), backend():
             det = model([pixels.float().div(255).to(device)])[0]
         keep = det["scores"] >= args.score_threshold
         det = {k: v[keep].cpu() for k, v in det.items()}

@@ -13,7 +13,9 @@ import json
 import logging
 from typing import Any
 
-from ._task import add_eval_arguments, add_predict_arguments, add_train_command, check_failed, eval_loader, find_images
+from ._task import (
+    add_eval_arguments, add_predict_arguments, add_train_command, check_failed, checked_attention_backend, eval_loader, find_images,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -70,8 +72,8 @@ def _report(summary: dict[str, Any]) -> None:
               f"plot in {summary['output']}")
 
 
-def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """(model on its device, task, device, predict_probs options) from the inference flags."""
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any], Any]:
+    """(model on its device, task, device, predict_probs options, attention backend context) from the inference flags."""
     import torch
 
     from ..engine.distributed import pick_device
@@ -87,17 +89,18 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, dict[str, Any]]:
         options["mode"] = args.mode
     if args.amp:
         options["autocast"] = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return model, task, device, options
+    return model, task, device, options, checked_attention_backend(args, model, device)
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..engine.distributed import DistEnv
     from ..tasks.segmentation.evaluate import segmentation_confusion, segmentation_metrics
 
-    model, task, device, options = _setup(args)
+    model, task, device, options, backend = _setup(args)
     loader, data_dir, split = eval_loader(task, args)
-    confusion, images, skipped = segmentation_confusion(model, loader, task.num_classes, DistEnv(device=device),
-                                                        progress=args.progress, **options)
+    with backend():
+        confusion, images, skipped = segmentation_confusion(model, loader, task.num_classes, DistEnv(device=device),
+                                                            progress=args.progress, **options)
     if images == 0:
         raise RuntimeError(f"no usable images in {data_dir}/images/{split} ({skipped} skipped)")
     scores = segmentation_metrics(confusion)
@@ -127,7 +130,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from ..tasks.segmentation.visualize import save_overlay
 
     files = find_images(args.inputs, is_output=lambda f: f.stem.endswith(args.suffix))
-    model, task, device, options = _setup(args)
+    model, task, device, options, backend = _setup(args)
     normalize = build_seg_transform(False)
     failed = 0
     for path in files:
@@ -139,7 +142,7 @@ def run_predict(args: argparse.Namespace) -> int:
             _logger.warning("skipping unreadable image %s (%s)", path, e)
             continue
         image = normalize(tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1))).as_subclass(torch.Tensor)
-        with torch.no_grad():
+        with torch.no_grad(), backend():
             labels = predict_probs(model, image.to(device), num_classes=task.num_classes, **options).argmax(0)
         out = save_overlay(rgb, labels, task.classes, path.with_name(f"{path.stem}{args.suffix}.png"), alpha=args.alpha)
         print(out)

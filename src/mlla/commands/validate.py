@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from ._task import MAX_FAILED_HELP
+from ._task import MAX_FAILED_HELP, add_attention_backend_argument, checked_attention_backend
 
 _logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    add_attention_backend_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -83,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     loader = build_loader(dataset, args.batch_size, is_training=False, workers=args.workers, seed=0,
                           max_failed_fraction=args.max_failed_fraction)
     autocast = (lambda: torch.autocast(env.device.type, dtype=torch.bfloat16)) if args.amp else None
-    result = evaluate(model, loader, env, progress=args.progress, **({"autocast": autocast} if autocast else {}))
+    with checked_attention_backend(args, model, env.device)():
+        result = evaluate(model, loader, env, progress=args.progress, **({"autocast": autocast} if autocast else {}))
     result = dict(model=model_name, checkpoint=str(args.checkpoint), data=str(split_root), ema=args.use_ema, **result)
     if args.json:
         print(json.dumps(result, indent=1))

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from ..checkpoint import atomic_save
+from ..ops.mlla_attn.backend import BACKENDS as ATTENTION_BACKENDS
 
 __all__ = ["COMPILE_MODES", "TrainConfig", "load_yaml", "parse_kwargs", "resolve_config", "save_yaml", "setting"]
 
@@ -61,6 +62,9 @@ class TrainConfig:
                                 group=_MODEL, choices=COMPILE_MODES)
     compile_backend: str = setting("inductor", "torch.compile backend with --compile (aot_eager: no code generation, for debugging)",
                                    group=_MODEL)
+    attention_backend: str = setting("auto", "how MLLA's attention runs, in training and evaluation: auto (the fused Triton "
+                                     "kernel on CUDA in eager mode, the PyTorch form under --compile and on CPUs), torch, or "
+                                     "triton (the kernel, under --compile too; CUDA only)", group=_MODEL, choices=ATTENTION_BACKENDS)
     sync_bn: bool = setting(False, "BatchNorm statistics over all processes", group=_MODEL)
     # data
     data_dir: str | None = setting(None, "dataset root (default: generate the task's demo data in OUTPUT/demo_data)", group=_DATA)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..data import available_cores, default_workers
+from ..ops.mlla_attn.backend import check_backend
 from .config import TrainConfig
 from .task import Task
 
@@ -104,6 +105,13 @@ def _check_compile(cfg: TrainConfig, task: Task | None, device: torch.device | N
                             f"{device.type}; leave it out (or use --device cuda)")
 
 
+def _check_attention_backend(cfg: TrainConfig, device: torch.device | None) -> None:
+    try:
+        check_backend(cfg.attention_backend, device.type if device is not None else "cuda", "--attention-backend")
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
+
+
 def check_settings(
     cfg: TrainConfig,
     world_size: int = 1,
@@ -138,6 +146,7 @@ def check_settings(
             f"an epoch's samples fail"
         )
     _check_compile(cfg, task, device)
+    _check_attention_backend(cfg, device)
     if output is not None:
         check_output(output)
     warnings = task.check_settings() if task is not None else []

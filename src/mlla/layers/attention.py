@@ -8,7 +8,7 @@ from torch import nn
 from ..ops.mlla_attn import add_mlla_attention_, mlla_attention, uses_kernel
 from .conv import DepthwiseConv
 
-__all__ = ["MllaLinearAttention"]
+__all__ = ["MllaLinearAttention", "follows_attention_backend"]
 
 
 class MllaLinearAttention(nn.Module):
@@ -86,3 +86,9 @@ class MllaLinearAttention(nn.Module):
 
         bias = self.qk.bias
         return reorder(self.qk.weight), None if bias is None else reorder(bias)
+
+
+def follows_attention_backend(model: nn.Module) -> bool:
+    """Whether ``model`` holds an :class:`MllaLinearAttention`, the layer whose computation
+    :func:`mlla.ops.set_attention_backend` chooses (MLLA models and backbones; not the ablation models)."""
+    return any(isinstance(m, MllaLinearAttention) for m in model.modules())

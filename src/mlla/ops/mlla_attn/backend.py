@@ -37,8 +37,8 @@ from typing import Callable, Iterator
 import torch
 
 __all__ = [
-    "BACKENDS", "FirstLaunchError", "attention_backend", "fall_back_after", "fused_attention", "get_attention_backend", "interpreter_requested",
-    "set_attention_backend", "uses_kernel",
+    "BACKENDS", "FirstLaunchError", "attention_backend", "check_backend", "fall_back_after", "fused_attention", "get_attention_backend",
+    "interpreter_requested", "set_attention_backend", "uses_kernel",
 ]
 
 BACKENDS = ("torch", "triton", "auto")
@@ -81,6 +81,26 @@ def set_attention_backend(name: str) -> None:
         )
     _state.backend, _state.warned, _state.failed = name, False, None
     _state.interpreted = interpreter_requested()
+    if name == "triton":
+        fused_attention()  # imported here: its first import inside a torch.compile'd call would recompile that call
+
+
+def check_backend(name: str, device_type: str, flag: str = "attention backend") -> None:
+    """Raise a :class:`ValueError` saying what to do where the backend ``name`` cannot run on
+    ``device_type`` tensors (``flag``: how the caller names the setting): an unknown name, or
+    ``"triton"`` without Triton, or on another device than CUDA outside Triton's interpreter
+    (``TRITON_INTERPRET=1``, for checks, not speed). ``"auto"`` and ``"torch"`` run everywhere."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown {flag} {name!r}; choose from {', '.join(BACKENDS)}")
+    if name != "triton":
+        return
+    if not triton_available():
+        raise ValueError(f"{flag} triton needs Triton, which is not installed: install a PyTorch build with Triton "
+                         f"(Linux with CUDA), or use auto or torch")
+    if device_type != "cuda" and not interpreter_requested():
+        raise ValueError(f"{flag} triton runs the fused kernel on CUDA, and this runs on {device_type}: use --device "
+                         f"cuda, or auto or torch (the PyTorch form); on a CPU only under TRITON_INTERPRET=1 (Triton's "
+                         f"interpreter, for checks, not speed)")
 
 
 def fused_attention() -> Callable:

@@ -114,7 +114,7 @@ STUDY_RECIPE: dict[str, Any] = dict(
 
 # Settings that do not change what a run learns: a finished run is reused across them.
 _RUN_ONLY = ("output", "resume", "progress", "workers", "device", "tensorboard", "save_every_steps", "data_dir", "max_failed_fraction",
-             "compile", "compile_mode", "compile_backend")
+             "compile", "compile_mode", "compile_backend", "attention_backend")
 
 
 @dataclass
