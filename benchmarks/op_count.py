@@ -4,17 +4,23 @@ launches them until the batch is large (see the README's GPU section).
 
     .venv/bin/python benchmarks/op_count.py                # a few seconds on a CPU; writes benchmarks/results/op_count/
     .venv/bin/python benchmarks/op_count.py --mode train   # a training step: writes op_count_train.{json,md} there
+    TRITON_INTERPRET=1 .venv/bin/python benchmarks/op_count.py --mode train --models mlla_tiny --attention-backend triton
+        # MLLA's attention as the fused kernel (in Triton's CPU interpreter without CUDA): op_count_train_triton.{json,md}
 
 Counts every ATen operator call (views included: each costs dispatch time on the CPU), counted
 by a ``TorchDispatchMode``, after a first call: ``infer``, one ``eval`` forward at 224x224, batch
 1, under ``torch.no_grad``, with MLLA on its plain path (the one CUDA runs: no CPU fused-inference
 path); ``train``, one training step's forward under bfloat16 autocast, cross-entropy and
-backward, batch 2, with MLLA's attention in its PyTorch form (on a GPU the fused kernel replaces
-about 20 of a block's operators with 2-3 launches). Autocast's casts are the ``_to_copy`` column.
+backward, batch 2, with MLLA's attention in its PyTorch form, or with ``--attention-backend triton``
+as the fused kernel, whose Triton launches are counted beside the ATen operators (the count is the
+same in Triton's CPU interpreter as on a GPU: the launches do not depend on where they run, only
+the launch settings' block sizes, so the interpreter's counts of the kernel's own reductions may
+differ from a GPU's by a few). Autocast's casts are the ``_to_copy`` column.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections import Counter
@@ -24,7 +30,9 @@ import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import mlla  # noqa: F401  (registers the models)
+import mlla  # registers the models
+import mlla.ops
+from mlla.ops.mlla_attn.backend import interpreter_requested
 from mlla.checkpoint import atomic_save
 
 MODELS = ["mlla_tiny", "swin_tiny_patch4_window7_224", "convnext_tiny", "vit_small_patch16_224", "mambaout_tiny"]
@@ -35,12 +43,24 @@ VIEWS = {"view", "_unsafe_view", "permute", "transpose", "t", "expand", "slice",
 
 
 class _CountOps(TorchDispatchMode):
+    active: list["_CountOps"] = []  # the counts being taken (innermost last)
+
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.paused = 0
+
+    def __enter__(self) -> "_CountOps":
+        _CountOps.active.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        _CountOps.active.pop()
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[func.overloadpacket.__name__] += 1
+        if not self.paused:
+            self.counts[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -77,27 +97,72 @@ def count_train_ops(name: str, size: int = 224) -> Counter[str]:
     return mode.counts
 
 
+#: Key of the fused attention's Triton launches in a count (not an ATen operator).
+LAUNCHES = "triton launches"
+
+
+@contextlib.contextmanager
+def _kernel_launches_counted():
+    """Inside: each launch of the fused attention's Triton kernels (``kernel[grid](...)``, which calls
+    the kernel's ``run``) made while a :class:`_CountOps` counts is counted under :data:`LAUNCHES`."""
+    from mlla.ops.mlla_attn import kernel
+
+    jits = [getattr(kernel, name) for name in ("_kv_kernel", "_out_kernel", "_bwd_q_kernel", "_bwd_kv_kernel")]
+    for jit in jits:
+        jit.run = _counted(jit.run)  # an instance attribute over the class's method
+    try:
+        yield
+    finally:
+        for jit in jits:
+            del jit.run
+
+
+def _counted(run):
+    def counted(*args, **kwargs):
+        if not _CountOps.active:
+            return run(*args, **kwargs)
+        mode = _CountOps.active[-1]
+        mode.counts[LAUNCHES] += 1
+        mode.paused += 1  # Triton's CPU interpreter copies the arguments with ATen operators: not the model's
+        try:
+            return run(*args, **kwargs)
+        finally:
+            mode.paused -= 1
+
+    return counted
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=MODELS)
     p.add_argument("--mode", choices=("infer", "train"), default="infer", help="an eval forward, or a training step")
+    p.add_argument("--attention-backend", choices=("torch", "triton"), default="torch",
+                   help="MLLA's attention in PyTorch (default) or as the fused kernel (Triton's CPU interpreter without CUDA)")
     p.add_argument("--output-dir", default=str(Path(__file__).parent / "results" / "op_count"))
     args = p.parse_args(argv)
-    train = args.mode == "train"
+    train, kernel = args.mode == "train", args.attention_backend == "triton"
+    if kernel and not (torch.cuda.is_available() or interpreter_requested()):
+        p.error("--attention-backend triton needs CUDA, or Triton's CPU interpreter: run the script with TRITON_INTERPRET=1 "
+                "(Triton reads it when first imported, which importing timm does)")
+    mlla.ops.set_attention_backend(args.attention_backend)
     rows = []
     for name in args.models:
-        counts = count_train_ops(name) if train else count_ops(name)
+        with _kernel_launches_counted() if kernel else contextlib.nullcontext():
+            counts = count_train_ops(name) if train else count_ops(name)
+        launches = counts.pop(LAUNCHES, 0)
         views = sum(n for op, n in counts.items() if op in VIEWS)
         rows.append(dict(model=name, ops=sum(counts.values()), views=views, compute_ops=sum(counts.values()) - views,
-                         **(dict(casts=counts["_to_copy"]) if train else {}), top=dict(counts.most_common(12))))
+                         **(dict(casts=counts["_to_copy"]) if train else {}),
+                         **(dict(triton_launches=launches) if kernel else {}), top=dict(counts.most_common(12))))
     head = ["model", f"ATen ops per {'training step' if train else 'forward'}", "of which views", "other ops"]
     head += ["of which casts (`_to_copy`, mostly autocast's)"] if train else []
+    head += ["Triton launches"] if kernel else []
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    lines += ["| " + " | ".join(str(r[k]) for k in ("model", "ops", "views", "compute_ops", "casts") if k in r) + " |"
-              for r in rows]
+    lines += ["| " + " | ".join(str(r[k]) for k in ("model", "ops", "views", "compute_ops", "casts", "triton_launches") if k in r)
+              + " |" for r in rows]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "op_count_train" if train else "op_count"
+    stem = ("op_count_train" if train else "op_count") + ("_triton" if kernel else "")
     atomic_save(lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)), out / f"{stem}.json")
     atomic_save(lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"), out / f"{stem}.md")
     print("\n".join(lines))

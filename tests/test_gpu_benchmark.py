@@ -255,6 +255,23 @@ def test_op_count_of_a_training_step_counts_the_backward_and_autocasts_casts():
     assert step["_to_copy"] > 2 * step["addmm"] and not forward["_to_copy"]  # autocast casts weights and biases, eval runs none
 
 
+def test_op_count_with_the_kernel_counts_its_launches_and_not_the_interpreters_copies():
+    if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernel needs TRITON_INTERPRET=1 set before Triton is imported (conftest, without CUDA)")
+    import mlla.ops
+    from mlla.layers.attention import MllaLinearAttention
+
+    op_count = _module("op_count")
+    layers = sum(isinstance(m, MllaLinearAttention) for m in mlla.create_model("test_mlla").modules())
+    torch_form = op_count.count_train_ops("test_mlla", 64)
+    with mlla.ops.attention_backend("triton"), op_count._kernel_launches_counted():
+        fused = op_count.count_train_ops("test_mlla", 64)
+    assert fused.pop(op_count.LAUNCHES) == 4 * layers and op_count.LAUNCHES not in torch_form  # 2 forward, 2 backward
+    assert fused["convolution"] == torch_form["convolution"]  # the rest of the model as it was
+    compute = {name: sum(n for op, n in c.items() if op not in op_count.VIEWS) for name, c in (("torch", torch_form), ("fused", fused))}
+    assert compute["fused"] + 4 * layers < compute["torch"]  # the interpreter's own copies are not counted
+
+
 def test_saved_activations_splits_per_image_from_fixed_bytes_by_module():
     """benchmarks/saved_activations.py: batch two minus batch one per image, by module; the fused
     attention's form saves less than the PyTorch form's (it keeps only its inputs and a d x d state)."""
