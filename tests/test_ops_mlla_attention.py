@@ -9,6 +9,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -195,6 +198,25 @@ def test_compiled_model_is_one_graph_with_and_without_the_kernel(device, attenti
         with attention_backend(attention):
             compiled = torch.compile(model, fullgraph=True)(x)
         assert torch.allclose(compiled, ref, rtol=1e-3, atol=1e-4)
+
+
+@needs_triton
+def test_a_compiled_call_is_not_compiled_again_after_the_kernels_first_import(device):
+    # A fresh process, where the kernel's module is not imported yet: choosing "triton" imports it, so
+    # the first compiled call does not change state its graph guards on (it did: one recompilation).
+    script = (
+        "import torch, timm, mlla, mlla.ops\n"
+        "from torch._dynamo.utils import counters\n"
+        f"model, x = timm.create_model('test_mlla').to({device!r}), torch.randn(2, 3, 32, 32, device={device!r})\n"
+        "mlla.ops.set_attention_backend('triton')\n"
+        "compiled = torch.compile(model, backend='aot_eager')\n"
+        "compiled(x).sum().backward(); compiled(x).sum().backward()\n"
+        "print(counters['stats']['unique_graphs'], sum(counters['recompiles'].values()))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(Path(mlla.__file__).parents[1]), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["1", "0"]  # one graph, compiled once
 
 
 def test_switch_falls_back_where_triton_or_cuda_is_missing(monkeypatch):
