@@ -3,6 +3,7 @@ that sets peak training memory at large batches, measured on any machine.
 
     .venv/bin/python benchmarks/saved_activations.py                      # MLLA-T (both attention forms), Swin-T, ConvNeXt-T
     TRITON_INTERPRET=1 .venv/bin/python benchmarks/saved_activations.py   # the fused kernel's form too, by Triton's interpreter
+    TRITON_INTERPRET=1 .venv/bin/python benchmarks/saved_activations.py --compiled --output-dir benchmarks/results/saved_activations_compiled
 
 One forward in train mode under bfloat16 autocast (CPU) of a batch of one and of two 224 x 224
 images, with ``torch.autograd.graph.saved_tensors_hooks`` recording every tensor autograd saves:
@@ -12,6 +13,12 @@ submodules: SiLU, the gate product). Batch two minus batch one is what each imag
 is fixed (autocast's bfloat16 copies of the weights, and the like). Per-image bytes times the
 batch is what a training step holds at its peak, before the gradients. CPU autocast runs LayerNorm in bfloat16 where CUDA's runs it in
 float32 (a LayerNorm's saved input is then twice as large on a GPU, for every model alike).
+
+``--compiled``: what the step saves through ``torch.compile`` instead (as ``mlla train --compile``
+runs it): the model is traced with inductor's decompositions and split into forward and backward
+by inductor's partitioner (min-cut rematerialisation, which recomputes cheap pointwise results in
+the backward rather than saving them), without generating code; the backward graph's inputs are
+what is saved, each under the innermost module of the forward operator that made it.
 
 Writes ``saved_activations.json`` and ``.md`` to ``--output-dir``.
 """
@@ -70,12 +77,61 @@ def saved_bytes(name: str, size: int, attention: str, batch: int) -> Counter[str
     return by_module
 
 
-def measure(name: str, size: int, attention: str) -> dict[str, Any]:
+def compiled_saved_bytes(name: str, size: int, attention: str, batch: int) -> Counter[str]:
+    """Bytes the ``torch.compile``'d bfloat16-autocast training step of ``batch`` images saves for its
+    backward, by module (see the module docstring; ``(model)``: operators outside any module, such
+    as the transposed weights)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch._inductor.decomposition import select_decomp_table
+
+    torch.manual_seed(0)
+    model = timm.create_model(name).train()
+    forward_outputs: list[list[Any]] = []
+    by_module: Counter[str] = Counter()
+
+    def forward_compiler(gm: torch.fx.GraphModule, inputs: Any):
+        forward_outputs.append(list(next(n for n in gm.graph.nodes if n.op == "output").args[0]))
+        return make_boxed_func(gm.forward)
+
+    def backward_compiler(gm: torch.fx.GraphModule, inputs: Any):
+        saved = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
+        made_by = forward_outputs.pop(0)[-len(saved):]  # the forward's last outputs are what it saves
+        for node, placeholder in zip(made_by, saved):
+            value = placeholder.meta.get("val")
+            if isinstance(value, torch.Tensor):
+                by_module[_module_label(getattr(node, "meta", {}).get("nn_module_stack"))] += value.numel() * value.element_size()
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=forward_compiler, bw_compiler=backward_compiler,
+                           partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
+    step = torch.compile(model, backend=backend)
+    with attention_backend(attention):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = step(torch.randn(batch, 3, size, size))
+        out.float().sum().backward()  # the backward graph is made (and counted) at the first backward
+    return by_module
+
+
+def _module_label(stack: dict[str, tuple[str, Any]] | None) -> str:
+    """The label :func:`saved_bytes` gives the innermost module of a node's ``nn_module_stack``."""
+    if not stack:
+        return "(model)"
+    path, kind = list(stack.values())[-1]
+    kind = kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+    return "(block)" if kind.endswith("MllaBlock") else path.rstrip("]").split(".")[-1]
+
+
+def measure(name: str, size: int, attention: str, compiled: bool = False) -> dict[str, Any]:
     """Per image (batch 2 minus batch 1) and fixed (weights' bfloat16 copies, BatchNorm statistics) MiB."""
-    one, two = saved_bytes(name, size, attention, 1), saved_bytes(name, size, attention, 2)
+    count = compiled_saved_bytes if compiled else saved_bytes
+    one, two = count(name, size, attention, 1), count(name, size, attention, 2)
     mib = 2.0 ** 20
     per_image = Counter({k: (two[k] - one[k]) / mib for k in two})
-    return dict(model=name, attention=attention, size=size, activation_mib=sum(per_image.values()),
+    return dict(model=name, attention=attention, step="compiled" if compiled else "eager", size=size,
+                activation_mib=sum(per_image.values()),
                 fixed_mib=(2 * sum(one.values()) - sum(two.values())) / mib,
                 by_module_mib={k: v for k, v in per_image.most_common() if v > 0})
 
@@ -83,11 +139,11 @@ def measure(name: str, size: int, attention: str) -> dict[str, Any]:
 def render(rows: list[dict[str, Any]], command: str) -> str:
     size = rows[0]["size"] if rows else 224
     lines = [f"# Saved for backward, per image (bfloat16 autocast, {size} x {size}, train mode)", "",
-             "| model | attention | activations MiB/image | fixed MiB (weight copies) |", "|---|---|---|---|"]
+             "| model | attention | step | activations MiB/image | fixed MiB (weight copies) |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['attention']} | {r['activation_mib']:.1f} | {r['fixed_mib']:.1f} |")
+        lines.append(f"| {r['model']} | {r['attention']} | {r['step']} | {r['activation_mib']:.1f} | {r['fixed_mib']:.1f} |")
     for r in rows:
-        lines += ["", f"**{r['model']} ({r['attention']})**, largest by module (MiB/image):", ""]
+        lines += ["", f"**{r['model']} ({r['attention']}, {r['step']})**, largest by module (MiB/image):", ""]
         lines += [f"- {k}: {v:.2f}" for k, v in list(r["by_module_mib"].items())[:12]]
     return "\n".join(lines + ["", f"Command: `{command}`"]) + "\n"
 
@@ -96,13 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["mlla_tiny", SWIN, CONVNEXT])
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--compiled", action="store_true", help="the torch.compile'd step (inductor's partitioner) instead of eager")
     p.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results" / "saved_activations")
     args = p.parse_args(argv)
     rows = []
     for name in args.models:
         forms = ["torch", "triton"] if name.startswith("mlla") and interpreter_requested() else ["torch"]
         for attention in forms:
-            rows.append(measure(name, args.size, attention))
+            rows.append(measure(name, args.size, attention, args.compiled))
             print(f"{name} {attention}: {rows[-1]['activation_mib']:.1f} MiB/image saved", flush=True)
     command = "python benchmarks/saved_activations.py" + (" " + " ".join(argv) if argv else "")
     args.output_dir.mkdir(parents=True, exist_ok=True)

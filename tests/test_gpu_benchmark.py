@@ -287,3 +287,10 @@ def test_saved_activations_splits_per_image_from_fixed_bytes_by_module():
     if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1":
         fused = saved.measure("test_mlla", 64, "triton")
         assert fused["by_module_mib"]["attn"] < torch_form["by_module_mib"]["attn"]
+    # Compiled: inductor's partitioner recomputes pointwise results (SiLU, GELU, the attention's
+    # feature map) in the backward instead of saving them, so the step saves less, by module.
+    compiled = saved.measure("test_mlla", 64, "torch", compiled=True)
+    assert compiled["step"] == "compiled" and 0 < compiled["activation_mib"] < torch_form["activation_mib"]
+    assert abs(sum(compiled["by_module_mib"].values()) - compiled["activation_mib"]) < 1e-6
+    assert {"act", "(block)", "attn"} <= set(compiled["by_module_mib"])
+    assert compiled["by_module_mib"]["attn"] < torch_form["by_module_mib"]["attn"]
