@@ -98,7 +98,7 @@ def plan(device: str, dry: bool, out: Path) -> list[Step]:
         Step("attention_launch_cost", [py, "benchmarks/attention_launch_cost.py", str(out / "attention_launch_cost.json"),
                                        *([device] if dry else [])], 60, interp),
         Step("dense_mask_rcnn", [py, "benchmarks/dense.py", "--device", device, "--output-dir", str(out / "dense_mask_rcnn"),
-                                 "--sizes", "128" if dry else "800x1333", "--rounds", "1" if dry else "5"], 60),
+                                 "--sizes", "128" if dry else "800x1333", "--rounds", "1" if dry else "5"], 90),
         Step("dense_upernet", [py, "benchmarks/dense_seg.py", "--device", device, "--output-dir", str(out / "dense_upernet"),
                                "--sizes", "64x256" if dry else "512x2048", "--rounds", "1" if dry else "5"], 50),
         Step("infer_224_precisions", _bench(out, "infer_224_precisions", "--mode", "infer", "--sizes", size, "--batch-sizes",
