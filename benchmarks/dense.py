@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             ))
             print(f"{part:>10} {backbone:<30} {size[0]}x{size[1]}: {rows[-1]['ms_median']:.0f} ms"
                   + (f", {mem:.0f} MiB" if mem is not None else ""), flush=True)
-        write(rows, Path(args.output_dir), quiet=True)  # partial results survive an interrupted run
+            write(rows, Path(args.output_dir), quiet=True)  # each row as it is measured: an interrupted run keeps them
     return rows
 
 
