@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import mlla
 from mlla.data import available_cores, default_workers
 from mlla.tasks.classification import DEMO_CLASSES, make_demo_dataset
 from mlla.engine import fit
 from mlla.tasks.classification.settings import ClassificationConfig
-from mlla.engine.preflight import SettingsError, check_settings
+from mlla.engine.preflight import SettingsError, check_attention_backend_applies, check_settings
 
 
 def _config(data: Path | None, output: Path, **kw) -> ClassificationConfig:
@@ -64,10 +65,15 @@ def test_an_attention_backend_that_cannot_apply_is_refused(data4, tmp_path, monk
     with pytest.raises(SettingsError, match="--attention-backend triton (runs the fused kernel on CUDA, and this runs on cpu|needs Triton)"):
         fit(_config(data4, out, attention_backend="triton"))
     assert not out.exists()
-    # The ablation models' attention is another layer, which the setting does not switch.
+    # The ablation models' attention is another layer, which the setting does not switch: refused
+    # before any work (no demo data generated).
     with pytest.raises(SettingsError, match="--attention-backend torch applies to models with MLLA's attention .*ablation_baseline has none"):
-        fit(_config(data4, out, model="ablation_baseline", attention_backend="torch"))
+        fit(_config(None, out, model="ablation_baseline", attention_backend="torch"))
     assert not out.exists()
+    # A task whose model is not the registered one as it is (Mask R-CNN around a backbone) checks once it is built.
+    with pytest.raises(SettingsError, match="has none; leave it out"):
+        check_attention_backend_applies(_config(data4, out, attention_backend="triton"), torch.nn.Linear(2, 2))
+    check_attention_backend_applies(_config(data4, out, attention_backend="triton"), mlla.create_model("test_mlla"))
 
 
 def test_bad_output_and_data_are_refused_with_what_to_do(data4, tmp_path):

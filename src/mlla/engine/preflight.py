@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 
 from ..data import available_cores, default_workers
+from ..layers.attention import follows_attention_backend
+from ..models import create_model
 from ..ops.mlla_attn.backend import check_backend
 from .config import TrainConfig
 from .task import Task
 
-__all__ = ["SettingsError", "check_output", "check_schedule", "check_settings"]
+__all__ = ["SettingsError", "check_attention_backend_applies", "check_output", "check_schedule", "check_settings"]
 
 _logger = logging.getLogger(__name__)
 
@@ -110,6 +112,22 @@ def _check_attention_backend(cfg: TrainConfig, device: torch.device | None) -> N
         check_backend(cfg.attention_backend, device.type if device is not None else "cuda", "--attention-backend")
     except ValueError as e:
         raise SettingsError(str(e)) from None
+    if cfg.attention_backend == "auto" or not cfg.model:
+        return
+    try:  # the registered model, without memory (a task whose model_kwargs are not the model's checks once built)
+        with torch.device("meta"):
+            model = create_model(cfg.model, **cfg.model_kwargs)
+    except Exception:  # an unknown name or other arguments: the task's model building says what is wrong
+        return
+    check_attention_backend_applies(cfg, model)
+
+
+def check_attention_backend_applies(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """Raise :class:`SettingsError` where ``--attention-backend`` is set and ``model`` (the task's
+    model, or the registered one) has no MLLA attention, which the setting would not change."""
+    if cfg.attention_backend != "auto" and not follows_attention_backend(model):
+        raise SettingsError(f"--attention-backend {cfg.attention_backend} applies to models with MLLA's attention "
+                            f"(MllaLinearAttention), and {cfg.model} has none; leave it out")
 
 
 def check_settings(

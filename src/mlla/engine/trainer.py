@@ -26,13 +26,12 @@ from tqdm import tqdm
 
 from ..checkpoint import CheckpointError, read_checkpoint
 from ..data import build_loader
-from ..layers.attention import follows_attention_backend
 from ..ops import attention_backend
 from .checkpointing import capture_rng, discard_failed_run, find_resume, prepare_output, restore_rng, save_checkpoint
 from .config import TrainConfig, save_yaml
 from .distributed import DistEnv, all_reduce_sum, convert_sync_batchnorm, destroy_distributed, init_distributed
 from .metrics import MetricsLog, plot_metrics
-from .preflight import SettingsError, check_schedule, check_settings
+from .preflight import check_attention_backend_applies, check_schedule, check_settings
 from .schedule import build_scheduler
 from .task import Task
 
@@ -172,9 +171,7 @@ class Trainer:
     def _build_model(self) -> None:
         cfg, env = self.cfg, self.env
         model = self.task.build_model()
-        if cfg.attention_backend != "auto" and not follows_attention_backend(model):
-            raise SettingsError(f"--attention-backend {cfg.attention_backend} applies to models with MLLA's attention "
-                                f"(MllaLinearAttention), and {cfg.model} has none; leave it out")
+        check_attention_backend_applies(cfg, model)
         if cfg.sync_bn and env.distributed:
             model = convert_sync_batchnorm(model, env.device)
         model.to(env.device)
