@@ -72,8 +72,9 @@ def test_an_attention_backend_that_cannot_apply_is_refused(data4, tmp_path, monk
     assert not out.exists()
     # A task whose model is not the registered one as it is (Mask R-CNN around a backbone) checks once it is built.
     with pytest.raises(SettingsError, match="has none; leave it out"):
-        check_attention_backend_applies(_config(data4, out, attention_backend="triton"), torch.nn.Linear(2, 2))
-    check_attention_backend_applies(_config(data4, out, attention_backend="triton"), mlla.create_model("test_mlla"))
+        check_attention_backend_applies("triton", torch.nn.Linear(2, 2), "a Linear")
+    check_attention_backend_applies("triton", mlla.create_model("test_mlla"), "test_mlla")
+    check_attention_backend_applies("auto", torch.nn.Linear(2, 2), "a Linear")
 
 
 def test_bad_output_and_data_are_refused_with_what_to_do(data4, tmp_path):

@@ -69,15 +69,13 @@ def checked_attention_backend(args: argparse.Namespace, model: Any, device: Any)
     """A new context per call to run ``model`` on ``device`` in with the command's
     ``--attention-backend``; raises a ValueError where that backend cannot run there or ``model``
     has no MLLA attention."""
-    from ..layers.attention import follows_attention_backend
+    from ..engine.preflight import check_attention_backend_applies
     from ..ops import attention_backend
     from ..ops.mlla_attn.backend import check_backend
 
     name = args.attention_backend
     check_backend(name, device.type, "--attention-backend")
-    if name != "auto" and not follows_attention_backend(model):
-        raise ValueError(f"--attention-backend {name} applies to models with MLLA's attention (MllaLinearAttention), "
-                         f"and this {type(model).__name__} has none; leave it out")
+    check_attention_backend_applies(name, model, f"this {type(model).__name__}")
     return functools.partial(attention_backend, name)
 
 

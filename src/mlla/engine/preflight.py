@@ -119,15 +119,15 @@ def _check_attention_backend(cfg: TrainConfig, device: torch.device | None) -> N
             model = create_model(cfg.model, **cfg.model_kwargs)
     except Exception:  # an unknown name or other arguments: the task's model building says what is wrong
         return
-    check_attention_backend_applies(cfg, model)
+    check_attention_backend_applies(cfg.attention_backend, model, cfg.model)
 
 
-def check_attention_backend_applies(cfg: TrainConfig, model: torch.nn.Module) -> None:
-    """Raise :class:`SettingsError` where ``--attention-backend`` is set and ``model`` (the task's
-    model, or the registered one) has no MLLA attention, which the setting would not change."""
-    if cfg.attention_backend != "auto" and not follows_attention_backend(model):
-        raise SettingsError(f"--attention-backend {cfg.attention_backend} applies to models with MLLA's attention "
-                            f"(MllaLinearAttention), and {cfg.model} has none; leave it out")
+def check_attention_backend_applies(backend: str, model: torch.nn.Module, name: str) -> None:
+    """Raise :class:`SettingsError` where ``--attention-backend`` is ``torch`` or ``triton`` and
+    ``model`` (called ``name``) has no MLLA attention, which the setting would not change."""
+    if backend != "auto" and not follows_attention_backend(model):
+        raise SettingsError(f"--attention-backend {backend} applies to models with MLLA's attention "
+                            f"(MllaLinearAttention), and {name} has none; leave it out")
 
 
 def check_settings(

@@ -171,7 +171,7 @@ class Trainer:
     def _build_model(self) -> None:
         cfg, env = self.cfg, self.env
         model = self.task.build_model()
-        check_attention_backend_applies(cfg, model)
+        check_attention_backend_applies(cfg.attention_backend, model, cfg.model)
         if cfg.sync_bn and env.distributed:
             model = convert_sync_batchnorm(model, env.device)
         model.to(env.device)
