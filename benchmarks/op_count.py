@@ -28,6 +28,7 @@ from pathlib import Path
 
 import timm
 import torch
+from tqdm import tqdm
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mlla  # registers the models
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 "(Triton reads it when first imported, which importing timm does)")
     mlla.ops.set_attention_backend(args.attention_backend)
     rows = []
-    for name in args.models:
+    for name in tqdm(args.models, desc="count", unit="model"):  # minutes per model with the kernel in Triton's interpreter
         with _kernel_launches_counted() if kernel else contextlib.nullcontext():
             counts = count_train_ops(name) if train else count_ops(name)
         launches = counts.pop(LAUNCHES, 0)

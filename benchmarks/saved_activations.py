@@ -33,6 +33,7 @@ from typing import Any
 
 import timm
 import torch
+from tqdm import tqdm
 
 import mlla  # noqa: F401  (registers the models)
 from mlla.checkpoint import atomic_save
@@ -156,11 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results" / "saved_activations")
     args = p.parse_args(argv)
     rows = []
-    for name in args.models:
-        forms = ["torch", "triton"] if name.startswith("mlla") and interpreter_requested() else ["torch"]
-        for attention in forms:
-            rows.append(measure(name, args.size, attention, args.compiled))
-            print(f"{name} {attention}: {rows[-1]['activation_mib']:.1f} MiB/image saved", flush=True)
+    variants = [(name, attention) for name in args.models
+                for attention in (["torch", "triton"] if name.startswith("mlla") and interpreter_requested() else ["torch"])]
+    for name, attention in tqdm(variants, desc="measure", unit="model"):  # minutes for the kernel in Triton's interpreter
+        rows.append(measure(name, args.size, attention, args.compiled))
+        tqdm.write(f"{name} {attention}: {rows[-1]['activation_mib']:.1f} MiB/image saved")
     command = "python benchmarks/saved_activations.py" + (" " + " ".join(argv) if argv else "")
     args.output_dir.mkdir(parents=True, exist_ok=True)
     atomic_save(lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)), args.output_dir / "saved_activations.json")
