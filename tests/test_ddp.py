@@ -16,10 +16,15 @@ from mlla.engine import fit, save_yaml
 from mlla.tasks.classification.settings import ClassificationConfig
 
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
-def test_two_gloo_processes_match_one_process_with_the_same_total_batch(tmp_path, compiled):
+@pytest.mark.parametrize("variant", ["eager", pytest.param("compiled", marks=pytest.mark.slow),
+                                     pytest.param("kernel", marks=pytest.mark.slow)])
+def test_two_gloo_processes_match_one_process_with_the_same_total_batch(tmp_path, variant):
     # compiled: the two processes run their step through torch.compile (DDP splits the graph at
-    # its gradient buckets), the one process eagerly.
+    # its gradient buckets), the one process eagerly. kernel: the two processes run MLLA's attention
+    # as the fused kernel (Triton's CPU interpreter without CUDA), the one process in PyTorch.
+    if variant == "kernel" and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        pytest.skip("the kernel needs CUDA or Triton's interpreter (TRITON_INTERPRET=1, set by conftest)")
+    compiled = variant == "compiled"
     data = make_demo_dataset(tmp_path / "data", 8, 2, classes=DEMO_CLASSES[:4], progress=False)
     # Augmentation and other per-process randomness off; EMA, MESA and clipping on. SGD rather
     # than AdamW: Adam divides by the root of the squared gradients, which turns the last-bit
@@ -39,12 +44,14 @@ def test_two_gloo_processes_match_one_process_with_the_same_total_batch(tmp_path
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "mlla.cli", "train", "--config", str(tmp_path / "cfg.yaml"), "--output", str(two), "--batch-size", "4",
         *(["--compile", "--compile-backend", "aot_eager"] if compiled else []),
+        *(["--attention-backend", "triton"] if variant == "kernel" else []),
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) x batch 4 = 8 images/step" in result.stderr
     assert ("runs through torch.compile (backend aot_eager" in result.stderr) == compiled
+    assert ("MLLA's attention runs as the fused Triton kernel" in result.stderr) == (variant == "kernel")
 
     a, b = (torch.load(p / "last.pth", weights_only=True) for p in (one, two))
     assert a["global_step"] == b["global_step"] == 8

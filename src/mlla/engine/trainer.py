@@ -172,6 +172,9 @@ class Trainer:
         cfg, env = self.cfg, self.env
         model = self.task.build_model()
         check_attention_backend_applies(cfg.attention_backend, model, cfg.model)
+        if cfg.attention_backend != "auto" and env.is_main:
+            form = "the fused Triton kernel" if cfg.attention_backend == "triton" else "the PyTorch form"
+            _logger.info("MLLA's attention runs as %s (--attention-backend %s)", form, cfg.attention_backend)
         if cfg.sync_bn and env.distributed:
             model = convert_sync_batchnorm(model, env.device)
         model.to(env.device)
