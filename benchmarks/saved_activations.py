@@ -98,7 +98,8 @@ def compiled_saved_bytes(name: str, size: int, attention: str, batch: int) -> Co
 
     def backward_compiler(gm: torch.fx.GraphModule, inputs: Any):
         saved = [n for n in gm.graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
-        made_by = forward_outputs.pop(0)[-len(saved):]  # the forward's last outputs are what it saves
+        # Backward graphs are made last forward first (at the backward); a forward's last outputs are what it saves.
+        made_by = forward_outputs.pop()[-len(saved):]
         for node, placeholder in zip(made_by, saved):
             value = placeholder.meta.get("val")
             if isinstance(value, torch.Tensor):

@@ -63,7 +63,7 @@ def test_an_attention_backend_that_cannot_apply_is_refused(data4, tmp_path, monk
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the kernel on a CPU only in Triton's interpreter
     out = tmp_path / "run"
     with pytest.raises(SettingsError, match="--attention-backend triton (runs the fused kernel on CUDA, and this runs on cpu|needs Triton)"):
-        fit(_config(data4, out, attention_backend="triton"))
+        fit(_config(data4, out, attention_backend="triton", device="cpu"))
     assert not out.exists()
     # The ablation models' attention is another layer, which the setting does not switch: refused
     # before any work (no demo data generated).

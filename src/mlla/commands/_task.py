@@ -66,9 +66,9 @@ def add_attention_backend_argument(p: argparse.ArgumentParser) -> None:
 
 
 def checked_attention_backend(args: argparse.Namespace, model: Any, device: Any) -> Callable[[], ContextManager[None]]:
-    """A new context per call to run ``model`` on ``device`` in with the command's
-    ``--attention-backend``; raises a ValueError where that backend cannot run there or ``model``
-    has no MLLA attention."""
+    """A factory of contexts (a new one per call) that run their block with the command's
+    ``--attention-backend``; raises a ValueError (a ``SettingsError`` for the model) where that
+    backend cannot run on ``device`` or ``model`` has no MLLA attention."""
     from ..engine.preflight import check_attention_backend_applies
     from ..ops import attention_backend
     from ..ops.mlla_attn.backend import check_backend

@@ -62,9 +62,11 @@ class TrainConfig:
                                 group=_MODEL, choices=COMPILE_MODES)
     compile_backend: str = setting("inductor", "torch.compile backend with --compile (aot_eager: no code generation, for debugging)",
                                    group=_MODEL)
-    attention_backend: str = setting("auto", "how MLLA's attention runs, in training and evaluation: auto (the fused Triton "
-                                     "kernel on CUDA in eager mode, the PyTorch form under --compile and on CPUs), torch, or "
-                                     "triton (the kernel, under --compile too; CUDA only)", group=_MODEL, choices=ATTENTION_BACKENDS)
+    attention_backend: str | None = setting(None, "how MLLA's attention runs, in training and evaluation: auto (the fused "
+                                            "Triton kernel on CUDA in eager mode, the PyTorch form under --compile and on "
+                                            "CPUs), torch, or triton (the kernel, under --compile too; CUDA only) (default: "
+                                            "the process's setting, mlla.ops.set_attention_backend, auto unless a script set "
+                                            "another)", group=_MODEL, choices=ATTENTION_BACKENDS)
     sync_bn: bool = setting(False, "BatchNorm statistics over all processes", group=_MODEL)
     # data
     data_dir: str | None = setting(None, "dataset root (default: generate the task's demo data in OUTPUT/demo_data)", group=_DATA)

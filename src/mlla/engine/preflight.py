@@ -108,24 +108,27 @@ def _check_compile(cfg: TrainConfig, task: Task | None, device: torch.device | N
 
 
 def _check_attention_backend(cfg: TrainConfig, device: torch.device | None) -> None:
+    if cfg.attention_backend is None:  # the process's setting
+        return
     try:
         check_backend(cfg.attention_backend, device.type if device is not None else "cuda", "--attention-backend")
     except ValueError as e:
         raise SettingsError(str(e)) from None
     if cfg.attention_backend == "auto" or not cfg.model:
         return
+    kwargs = {k: v for k, v in cfg.model_kwargs.items() if k != "pretrained"}  # nothing is downloaded here
     try:  # the registered model, without memory (a task whose model_kwargs are not the model's checks once built)
         with torch.device("meta"):
-            model = create_model(cfg.model, **cfg.model_kwargs)
-    except Exception:  # an unknown name or other arguments: the task's model building says what is wrong
+            model = create_model(cfg.model, **kwargs)
+    except (ValueError, TypeError, RuntimeError, KeyError):  # an unknown name or other arguments: the task's model building says what is wrong
         return
     check_attention_backend_applies(cfg.attention_backend, model, cfg.model)
 
 
-def check_attention_backend_applies(backend: str, model: torch.nn.Module, name: str) -> None:
+def check_attention_backend_applies(backend: str | None, model: torch.nn.Module, name: str) -> None:
     """Raise :class:`SettingsError` where ``--attention-backend`` is ``torch`` or ``triton`` and
     ``model`` (called ``name``) has no MLLA attention, which the setting would not change."""
-    if backend != "auto" and not follows_attention_backend(model):
+    if backend in ("torch", "triton") and not follows_attention_backend(model):
         raise SettingsError(f"--attention-backend {backend} applies to models with MLLA's attention "
                             f"(MllaLinearAttention), and {name} has none; leave it out")
 

@@ -172,7 +172,7 @@ class Trainer:
         cfg, env = self.cfg, self.env
         model = self.task.build_model()
         check_attention_backend_applies(cfg.attention_backend, model, cfg.model)
-        if cfg.attention_backend != "auto" and env.is_main:
+        if cfg.attention_backend in ("torch", "triton") and env.is_main:
             form = "the fused Triton kernel" if cfg.attention_backend == "triton" else "the PyTorch form"
             _logger.info("MLLA's attention runs as %s (--attention-backend %s)", form, cfg.attention_backend)
         if cfg.sync_bn and env.distributed:
@@ -410,7 +410,8 @@ class Trainer:
         cfg, env = self.cfg, self.env
         row: dict[str, Any] = {}
         status = "finished"
-        with self.stop, attention_backend(cfg.attention_backend):
+        backend = attention_backend(cfg.attention_backend) if cfg.attention_backend else contextlib.nullcontext()
+        with self.stop, backend:
             while self.epoch < cfg.epochs:
                 start = time.perf_counter()
                 if not self.train_one_epoch():

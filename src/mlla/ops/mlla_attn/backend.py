@@ -13,7 +13,8 @@ One process-wide setting, :func:`set_attention_backend` (or the context manager
 * ``"triton"``: the fused kernel wherever it can run, compiled graphs included: CUDA tensors (any
   device under ``TRITON_INTERPRET=1``, Triton's CPU interpreter, which the tests use). Elsewhere
   the PyTorch form, with a warning once per process for tensors on a device the kernel does not
-  run on. Setting it raises a :class:`RuntimeError` where Triton is not installed.
+  run on. Setting it imports the kernel (and Triton) at once, and raises a :class:`RuntimeError`
+  where Triton is not installed.
 
 The kernel takes ``qk`` and ``v`` of one dtype among float32 / bfloat16 / float16 and float32
 RoPE tables; other dtypes use the PyTorch form. Under ``torch.export``, ``torch.fx`` symbolic
@@ -79,10 +80,10 @@ def set_attention_backend(name: str) -> None:
             "with Triton (pip install triton on Linux with CUDA), or use set_attention_backend('auto'), "
             "which falls back to the PyTorch form"
         )
+    if name == "triton":
+        fused_attention()  # imported now (a failed import changes nothing): inside a torch.compile'd call it would recompile the call
     _state.backend, _state.warned, _state.failed = name, False, None
     _state.interpreted = interpreter_requested()
-    if name == "triton":
-        fused_attention()  # imported here: its first import inside a torch.compile'd call would recompile that call
 
 
 def check_backend(name: str, device_type: str, flag: str = "attention backend") -> None:
@@ -124,8 +125,12 @@ def get_attention_backend() -> str:
 
 @contextlib.contextmanager
 def attention_backend(name: str) -> Iterator[None]:
-    """``with attention_backend("triton"): ...`` sets the backend for the block, then restores the previous one."""
+    """``with attention_backend("triton"): ...`` sets the backend for the block, then restores the
+    previous one. The backend in force already is left as it is (a fall-back of ``"auto"`` stays)."""
     previous = _state.backend
+    if name == previous:
+        yield
+        return
     set_attention_backend(name)
     try:
         yield
