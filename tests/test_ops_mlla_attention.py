@@ -219,6 +219,24 @@ def test_a_compiled_call_is_not_compiled_again_after_the_kernels_first_import(de
     assert proc.stdout.split() == ["1", "0"]  # one graph, compiled once
 
 
+def test_a_failed_kernel_import_and_a_repeated_backend_leave_the_setting_as_it_was(monkeypatch):
+    def broken():
+        raise ImportError("triton is broken here")
+
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    monkeypatch.setattr(backend, "fused_attention", broken)
+    with attention_backend("torch"):
+        with pytest.raises(ImportError, match="broken"):
+            set_attention_backend("triton")
+        assert get_attention_backend() == "torch"
+    # The backend in force already: its state (a fall-back of 'auto') is kept, not reset.
+    assert get_attention_backend() == "auto"
+    monkeypatch.setattr(backend._state, "failed", "an earlier first launch failed")
+    with attention_backend("auto"):
+        assert backend._state.failed == "an earlier first launch failed"
+    assert backend._state.failed == "an earlier first launch failed"
+
+
 def test_switch_falls_back_where_triton_or_cuda_is_missing(monkeypatch):
     qk, v, cos, sin = _inputs(2, (3, 3))
     with pytest.raises(ValueError, match="unknown attention backend 'cuda'"):

@@ -133,6 +133,11 @@ def test_attention_backend_setting_chooses_the_kernel_for_training_and_evaluatio
     for backend in ("torch", "triton"):
         runs[backend] = fit(_config(data4, tmp_path / backend, epochs=1, model_ema=False, attention_backend=backend))
         assert attention.get_attention_backend() == "auto"  # the process's setting is restored after the run
+    # Not given, the run keeps the process's setting (a script's set_attention_backend).
+    seen = []
+    with attention.attention_backend("torch"):
+        fit(_config(data4, tmp_path / "kept", epochs=1, model_ema=False), on_step=lambda step: seen.append(attention.get_attention_backend()))
+    assert seen == ["torch"] * 4
     layers = sum(isinstance(m, MllaLinearAttention) for m in mlla.create_model("test_mlla").modules())
     # Every attention call of the triton run, none of the torch run: 4 training steps and 2 validation batches.
     assert launches == ["triton"] * layers * (4 + 2)
